@@ -1,0 +1,281 @@
+"""The model bundle: a directory with ``manifest.json``, ``embedder.tflite``, ``bank.npz`` (and
+optionally ``head.npz`` for Grad-CAM). Written by the trainer, verified in full by the agent.
+
+Nothing here is ever pickled: arrays travel as ``.npz`` read with ``allow_pickle=False``.
+A bundle that fails any check raises :class:`BundleError` naming the file and the problem; the
+caller keeps whatever bundle it had.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.preprocess import Preprocessing
+from agent.runtime import TensorInfo, TFLiteModel
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+MODEL_FILE = "embedder.tflite"
+BANK_FILE = "bank.npz"
+HEAD_FILE = "head.npz"
+REQUIRED_KEYS = ("format_version", "model", "preprocessing", "tflite", "embedding_dim", "bank", "threshold", "files")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and what is wrong."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    preprocessing: Preprocessing
+    model: TFLiteModel
+    embedding_output: TensorInfo
+    feature_map_output: TensorInfo | None
+    bank: np.ndarray  # float32 (N, D), rows L2-normalised
+    threshold: float
+    score_scale: float  # spread of normal scores; sets how fast confidence moves off 0.5
+    manifest_sha256: str
+    head: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["model"].get("name", "unnamed"))
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["model"].get("version", "0"))
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+
+def _fail(path: Path, problem: str) -> BundleError:
+    return BundleError(f"bundle {path}: {problem}")
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise _fail(root, "not a directory; point 'bundle' at a folder written by yugami-train")
+    if not mpath.is_file():
+        raise _fail(mpath, "missing file; a bundle folder holds manifest.json, embedder.tflite and bank.npz")
+    raw = mpath.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(mpath, f"not valid JSON ({exc}); the file is damaged, copy the bundle again") from exc
+    if not isinstance(manifest, dict):
+        raise _fail(mpath, "the manifest must be a JSON object")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise _fail(
+            mpath,
+            f"unknown format version {version!r}; this agent reads {list(SUPPORTED_FORMAT_VERSIONS)}. "
+            "Upgrade the agent or re-export the bundle with a matching trainer",
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise _fail(mpath, f"manifest lacks {missing}")
+    return manifest, raw
+
+
+def _read_verified(root: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every file the manifest lists, read once and checked against its sha256."""
+    files = manifest["files"]
+    for required in (MODEL_FILE, BANK_FILE):
+        if required not in files:
+            raise _fail(root / MANIFEST, f"the manifest's 'files' does not list {required}")
+    contents: dict[str, bytes] = {}
+    for name, expected in files.items():
+        fpath = root / name
+        if Path(name).name != name:
+            raise _fail(root / MANIFEST, f"file entry {name!r} must be a plain file name inside the bundle")
+        if not fpath.is_file():
+            raise _fail(fpath, "missing file listed in the manifest; copy the whole bundle folder")
+        data = fpath.read_bytes()
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise _fail(
+                fpath,
+                f"sha256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...): the file was changed "
+                "or damaged after export; copy the bundle again or re-export it",
+            )
+        contents[name] = data
+    return contents
+
+
+def _load_npz(root: Path, name: str, data: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise _fail(root / name, f"not a readable .npz of plain arrays ({exc})") from exc
+
+
+def _check_bank(root: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    bpath = root / BANK_FILE
+    if "bank" not in arrays:
+        raise _fail(bpath, "has no array named 'bank'")
+    bank = arrays["bank"]
+    dim = int(manifest["embedding_dim"])
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        raise _fail(bpath, f"bank must be a non-empty 2-D array, got shape {bank.shape}")
+    if bank.shape[1] != dim:
+        raise _fail(bpath, f"bank dimension {bank.shape[1]} disagrees with the model's embedding_dim {dim}")
+    declared = manifest["bank"]
+    if int(declared.get("count", bank.shape[0])) != bank.shape[0] or int(declared.get("dim", dim)) != bank.shape[1]:
+        raise _fail(bpath, f"bank shape {bank.shape} disagrees with the manifest's count/dim {declared}")
+    bank = bank.astype(np.float32)
+    norms = np.linalg.norm(bank, axis=1, keepdims=True)
+    if not np.all(np.isfinite(bank)) or np.any(norms == 0):
+        raise _fail(bpath, "bank holds zero or non-finite vectors")
+    return bank / norms
+
+
+def _find_output(root: Path, model: TFLiteModel, spec: dict[str, Any], role: str) -> TensorInfo:
+    try:
+        info = model.output_by_name(spec["name"])
+    except KeyError as exc:
+        raise _fail(root / MODEL_FILE, f"{role} output: {exc}") from exc
+    if list(info.shape[1:]) != list(spec["shape"][1:]):
+        raise _fail(root / MODEL_FILE, f"{role} output has shape {info.shape}, the manifest says {spec['shape']}")
+    return info
+
+
+def _check_model(root: Path, manifest: dict[str, Any], model: TFLiteModel, pre: Preprocessing) -> tuple:
+    h, w = pre.input_size
+    expected_input = (1, h, w, pre.channels)
+    if model.input.shape != expected_input:
+        raise _fail(
+            root / MODEL_FILE,
+            f"model input {model.input.shape} disagrees with the preprocessing input_size {pre.input_size}",
+        )
+    outputs = manifest["tflite"].get("outputs", {})
+    if "embedding" not in outputs:
+        raise _fail(root / MANIFEST, "tflite.outputs has no 'embedding' entry")
+    emb = _find_output(root, model, outputs["embedding"], "embedding")
+    if emb.shape[-1] != int(manifest["embedding_dim"]):
+        raise _fail(
+            root / MODEL_FILE,
+            f"embedding output has dimension {emb.shape[-1]}, the manifest's embedding_dim is "
+            f"{manifest['embedding_dim']}",
+        )
+    fmap = _find_output(root, model, outputs["feature_map"], "feature_map") if "feature_map" in outputs else None
+    return emb, fmap
+
+
+def load_bundle(path: str | Path, num_threads: int | None = None) -> Bundle:
+    """Read and verify a bundle; raise BundleError on any problem."""
+    root = Path(path)
+    manifest, raw_manifest = _read_manifest(root)
+    contents = _read_verified(root, manifest)
+    try:
+        pre = Preprocessing.from_manifest(manifest["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(root / MANIFEST, f"bad 'preprocessing' entry: {exc}") from exc
+    bank = _check_bank(root, manifest, _load_npz(root, BANK_FILE, contents[BANK_FILE]))
+    head = _load_npz(root, HEAD_FILE, contents[HEAD_FILE]) if HEAD_FILE in contents else {}
+    try:
+        model = TFLiteModel(contents[MODEL_FILE], num_threads=num_threads)
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(root / MODEL_FILE, f"the TFLite runtime cannot load it ({exc})") from exc
+    emb, fmap = _check_model(root, manifest, model, pre)
+    threshold = manifest["threshold"]
+    try:
+        value = float(threshold["value"])
+        scale = float(threshold.get("scale") or max(abs(value) * 0.1, 1e-6))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(root / MANIFEST, f"bad 'threshold' entry: {exc}") from exc
+    return Bundle(
+        path=root,
+        manifest=manifest,
+        preprocessing=pre,
+        model=model,
+        embedding_output=emb,
+        feature_map_output=fmap,
+        bank=bank,
+        threshold=value,
+        score_scale=scale if scale > 0 else 1e-6,
+        manifest_sha256=sha256_bytes(raw_manifest),
+        head=head,
+    )
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_bundle(
+    out_dir: str | Path,
+    *,
+    model_bytes: bytes,
+    bank: np.ndarray,
+    manifest: dict[str, Any],
+    head: dict[str, np.ndarray] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a bundle atomically: files go into a temporary sibling folder that replaces ``out_dir``.
+
+    ``manifest`` holds everything but ``format_version``, ``files``, ``bank.count/dim/dtype`` and
+    ``model.created``, which are filled in here.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bank16 = np.asarray(bank, dtype=np.float16)
+    files: dict[str, bytes] = {MODEL_FILE: model_bytes, BANK_FILE: npz_bytes({"bank": bank16})}
+    if head:
+        files[HEAD_FILE] = npz_bytes({k: np.asarray(v) for k, v in head.items()})
+    files.update(extra_files or {})
+    full = dict(manifest)
+    full["format_version"] = FORMAT_VERSION
+    full["model"] = {**manifest.get("model", {}), "created": dt.datetime.now(dt.timezone.utc).isoformat()}
+    full["bank"] = {
+        **manifest.get("bank", {}),
+        "file": BANK_FILE,
+        "count": int(bank16.shape[0]),
+        "dim": int(bank16.shape[1]),
+        "dtype": "float16",
+    }
+    full["files"] = {name: sha256_bytes(data) for name, data in files.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote bundle %s (%d files)", out, len(files) + 1)
+    return out

@@ -1,0 +1,103 @@
+"""Embed a frame, score it against the normal bank, decide.
+
+score = 1 - max cosine similarity between the frame's embedding and the bank of normal embeddings.
+The verdict is "anomaly" when score > threshold. Confidence is the confidence in the verdict given:
+p = logistic((score - threshold) / scale) is how anomalous the frame looks, and the confidence is p
+for an "anomaly" verdict and 1 - p for "ok"; both are exactly 0.5 at the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.bundle import Bundle
+from agent.preprocess import prepare_rgb, scale_to_float
+
+
+@dataclass(frozen=True)
+class Embedding:
+    vector: np.ndarray  # (D,), L2-normalised
+    feature_map: np.ndarray | None  # (h, w, C) float, when the model exports it
+    rgb: np.ndarray  # the prepared HxWx3 uint8 picture the model saw
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    threshold: float
+    verdict: str  # "ok" | "anomaly"
+    confidence: float
+    latency_ms: float
+    nearest: int  # index of the nearest bank vector
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "score": round(self.score, 6),
+            "threshold": round(self.threshold, 6),
+            "verdict": self.verdict,
+            "confidence": round(self.confidence, 4),
+            "latency_ms": round(self.latency_ms, 3),
+        }
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def cosine_scores(embeddings: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1 - max cosine similarity of each row to the (normalised) bank, and the nearest index."""
+    sims = l2_normalize(np.atleast_2d(embeddings)) @ bank.T
+    nearest = np.argmax(sims, axis=1)
+    return 1.0 - sims[np.arange(sims.shape[0]), nearest], nearest
+
+
+def anomaly_probability(score: float, threshold: float, scale: float) -> float:
+    z = (score - threshold) / scale
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-min(z, 700.0)))
+    e = math.exp(max(z, -700.0))
+    return e / (1.0 + e)
+
+
+def decide(score: float, threshold: float, scale: float) -> tuple[str, float]:
+    """Verdict and the confidence in it (0.5 exactly at the threshold)."""
+    p = anomaly_probability(score, threshold, scale)
+    if score > threshold:
+        return "anomaly", p
+    return "ok", 1.0 - p
+
+
+class Scorer:
+    """The per-frame work of the device: preprocess, invoke, score, decide."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    def embed(self, frame: np.ndarray, name: str = "frame") -> Embedding:
+        b = self.bundle
+        rgb = prepare_rgb(frame, b.preprocessing, name)
+        b.model.set_input(scale_to_float(rgb, b.preprocessing))
+        b.model.invoke()
+        vector = l2_normalize(b.model.get_output(b.embedding_output).reshape(-1))
+        fmap = None
+        if b.feature_map_output is not None:
+            fmap = b.model.get_output(b.feature_map_output)[0]
+        return Embedding(vector=vector, feature_map=fmap, rgb=rgb)
+
+    def score_embedding(self, vector: np.ndarray) -> tuple[float, int]:
+        scores, nearest = cosine_scores(vector, self.bundle.bank)
+        return float(scores[0]), int(nearest[0])
+
+    def score(self, frame: np.ndarray, name: str = "frame") -> tuple[ScoreResult, Embedding]:
+        t0 = time.perf_counter()
+        emb = self.embed(frame, name)
+        score, nearest = self.score_embedding(emb.vector)
+        verdict, confidence = decide(score, self.bundle.threshold, self.bundle.score_scale)
+        latency = (time.perf_counter() - t0) * 1000.0
+        result = ScoreResult(score, self.bundle.threshold, verdict, confidence, latency, nearest)
+        return result, emb
