@@ -1,0 +1,247 @@
+"""Grad-CAM on the camera box, in closed form: numpy and OpenCV only, no TensorFlow.
+
+TFLite has no gradients, but the head after the last convolutional feature map A (h, w, C) is
+small and known (the Grad-CAM head contract, manifest key ``gradcam``)::
+
+    g = GAP(A) = mean_ij A_ij          (C,)
+    z = W^T g + b   (or z = g when there is no projection; W, b from head.npz)
+    e = z / ||z||                       (the embedding)
+
+For a scalar S(e) with gradient v = dS/de the chain rule gives
+
+    dS/dz = (v - e (e . v)) / ||z||      (the L2 normalisation's Jacobian (I - e e^T) / ||z||)
+    dS/dg = W dS/dz
+    dS/dA_ijc = dS/dg_c / (h w)          (global average pooling)
+
+and Grad-CAM is ``ReLU(sum_c alpha_c A_c)`` with ``alpha_c = mean_ij dS/dA_ijc = dS/dg_c / (h w)``.
+
+* Anomaly map: S = 1 - e . b_k for the nearest bank vector b_k, so v = -b_k: what makes this frame
+  unlike its nearest normal picture.
+* Class map: S = e . w_k for column k of the head's ``class_weights`` (D, K), so v = w_k.
+
+z is not a model output: it is rebuilt as ``W^T GAP(A) + b`` from the (dequantised) feature map with
+the float head weights, so the same code serves float and int8 bundles.
+
+Units and the colour anchor: to first order a change of the feature map moves the score by
+``sum_ij sum_c alpha_c dA_ijc``, so a cam cell is a share of the score in score units. The overlay
+maps ``cam / cam_scale`` to the colour bar, where ``cam_scale`` is a constant of the bundle, never of
+the frame (see :func:`cam_scale`): the same cam value gets the same colour on every frame, and a
+nearly flat, cold picture really means "nothing here pushes the score up".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from agent.bundle import Bundle
+from agent.scoring import Embedding
+
+logger = logging.getLogger(__name__)
+
+# Without a calibrated ``gradcam.cam_scale`` in the manifest the colour bar tops out at
+# threshold / DEFAULT_CELLS: a defect whose evidence sits in about that many feature-map cells, each
+# at the top colour, adds about one threshold to the score (cam cells are in score units, see above).
+DEFAULT_CELLS = 4.0
+LEGEND_HEIGHT = 18  # pixels of colour bar + labels appended below the overlay picture
+COLORMAP = cv2.COLORMAP_JET
+MAX_ALPHA = 0.65  # how much heat covers the picture at the top of the scale
+
+
+class GradCamError(ValueError):
+    """The bundle cannot give a heat map (no feature map output, or a head it does not describe)."""
+
+
+def head_weights(bundle: Bundle) -> tuple[np.ndarray, np.ndarray] | None:
+    """The projection (kernel (C, D), bias (D,)) as float64, or None when e = n(GAP(A))."""
+    spec = bundle.manifest.get("gradcam") or {}
+    if not spec.get("projection", "proj_kernel" in bundle.head):
+        return None
+    if "proj_kernel" not in bundle.head:
+        raise GradCamError(
+            f"bundle {bundle.path}: the manifest says gradcam.projection is true but head.npz has no "
+            "'proj_kernel'; re-export the bundle with the trainer's head weights"
+        )
+    kernel = np.asarray(bundle.head["proj_kernel"], dtype=np.float64)
+    bias = bundle.head.get("proj_bias")
+    bias = np.zeros(kernel.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return kernel, bias
+
+
+def _check(bundle: Bundle, embedding: Embedding) -> np.ndarray:
+    if embedding.feature_map is None:
+        raise GradCamError(
+            f"bundle {bundle.path}: the model has no feature_map output, so there is no heat map; "
+            "export the embedder with its two outputs [embedding, feature_map]"
+        )
+    spec = bundle.manifest.get("gradcam") or {}
+    if spec.get("pooling", "avg") != "avg":
+        raise GradCamError(f"bundle {bundle.path}: pooling {spec.get('pooling')!r} is not supported, only 'avg'")
+    fmap = np.asarray(embedding.feature_map, dtype=np.float64)
+    if fmap.ndim == 4:
+        fmap = fmap[0]
+    return fmap
+
+
+def gradcam_weights(fmap: np.ndarray, v: np.ndarray, head: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """alpha_c = mean_ij dS/dA_ijc for a scalar S(e) with dS/de = v, through pooling, projection and L2 norm."""
+    h, w, c = fmap.shape
+    g = fmap.reshape(-1, c).mean(axis=0)
+    z = g if head is None else g @ head[0] + head[1]
+    if z.shape != v.shape:
+        raise GradCamError(f"embedding dimension {z.shape[-1]} from the head disagrees with the target's {v.shape}")
+    norm = max(float(np.linalg.norm(z)), 1e-12)
+    e = z / norm
+    dz = (v - e * float(e @ v)) / norm
+    dg = dz if head is None else head[0] @ dz
+    return dg / (h * w)
+
+
+def cam_from_weights(fmap: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """ReLU(sum_c alpha_c A_c) as float32 (h, w)."""
+    return np.maximum(fmap @ alpha, 0.0).astype(np.float32)
+
+
+def anomaly_cam(bundle: Bundle, embedding: Embedding, nearest: int) -> np.ndarray:
+    """Heat map (h, w) at feature-map resolution for the score 1 - cos(e, bank[nearest])."""
+    fmap = _check(bundle, embedding)
+    v = -bundle.bank[int(nearest)].astype(np.float64)
+    return cam_from_weights(fmap, gradcam_weights(fmap, v, head_weights(bundle)))
+
+
+def class_names(bundle: Bundle) -> list[str]:
+    """Names of the head's classes (manifest gradcam.class_names), [] when the head keeps none."""
+    weights = bundle.head.get("class_weights")
+    if weights is None:
+        return []
+    names = list((bundle.manifest.get("gradcam") or {}).get("class_names") or [])
+    k = int(weights.shape[1])
+    return [str(n) for n in names[:k]] + [f"class{i}" for i in range(len(names), k)]
+
+
+def class_cam(bundle: Bundle, embedding: Embedding, class_index: int) -> np.ndarray:
+    """Heat map (h, w) for the head's logit e . w_k (class_weights column k, e.g. 'line', 'distortion')."""
+    weights = bundle.head.get("class_weights")
+    if weights is None:
+        raise GradCamError(f"bundle {bundle.path}: head.npz has no 'class_weights', so there are no class maps")
+    if not 0 <= class_index < weights.shape[1]:
+        raise GradCamError(f"class index {class_index} is outside the head's {weights.shape[1]} classes")
+    fmap = _check(bundle, embedding)
+    v = np.asarray(weights[:, class_index], dtype=np.float64)
+    return cam_from_weights(fmap, gradcam_weights(fmap, v, head_weights(bundle)))
+
+
+def class_cams(bundle: Bundle, embedding: Embedding) -> dict[str, np.ndarray]:
+    """One heat map per head class, by name."""
+    return {name: class_cam(bundle, embedding, i) for i, name in enumerate(class_names(bundle))}
+
+
+def cam_scale(bundle: Bundle) -> float:
+    """The cam value at the top of the colour bar: a constant of the bundle, the same for every frame.
+
+    ``manifest["gradcam"]["cam_scale"]`` when the trainer calibrated one, else the threshold divided
+    by :data:`DEFAULT_CELLS` (cam cells are score shares, see the module docstring).
+    """
+    spec = bundle.manifest.get("gradcam") or {}
+    value = spec.get("cam_scale")
+    if value is not None and float(value) > 0:
+        return float(value)
+    return max(float(bundle.threshold) / DEFAULT_CELLS, 1e-9)
+
+
+def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Cam resized to ``size`` = (height, width), bilinear, still >= 0."""
+    h, w = size
+    out = cv2.resize(np.asarray(cam, dtype=np.float32), (int(w), int(h)), interpolation=cv2.INTER_LINEAR)
+    return np.maximum(out, 0.0)
+
+
+def colorize(level: np.ndarray) -> np.ndarray:
+    """Levels in [0, 1] to RGB uint8 colours of the colour map."""
+    idx = np.clip(np.rint(np.asarray(level, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(idx, COLORMAP), cv2.COLOR_BGR2RGB)
+
+
+def blend(rgb: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Heat over the picture; a cold cell leaves the picture as it is, a hot one is mostly colour."""
+    alpha = (MAX_ALPHA * np.sqrt(np.clip(level, 0.0, 1.0)))[..., None]
+    out = rgb.astype(np.float32) * (1.0 - alpha) + colorize(level).astype(np.float32) * alpha
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def legend(width: int, scale: float, threshold: float) -> np.ndarray:
+    """A colour bar with the cam values at its ends and a mark where a cell alone reaches the threshold."""
+    bar = np.full((LEGEND_HEIGHT, width, 3), 255, np.uint8)
+    bar[:8] = colorize(np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :].repeat(8, axis=0))
+    font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.3
+    cv2.putText(bar, "0", (1, LEGEND_HEIGHT - 2), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    top = f"{scale:.3g}"
+    (tw, _), _ = cv2.getTextSize(top, font, fs, 1)
+    cv2.putText(bar, top, (max(width - tw - 1, 0), LEGEND_HEIGHT - 2), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    label = f"cam (score units), thr {threshold:.3g}"
+    (lw, _), _ = cv2.getTextSize(label, font, fs, 1)
+    cv2.putText(bar, label, (max((width - lw) // 2, 12), LEGEND_HEIGHT - 2), font, fs, (60, 60, 60), 1, cv2.LINE_AA)
+    return bar
+
+
+def overlay_image(
+    rgb: np.ndarray, cam: np.ndarray, bundle: Bundle, *, with_legend: bool = True, scale: float | None = None
+) -> np.ndarray:
+    """RGB uint8 picture: ``cam`` over ``rgb`` (the prepared frame), coloured by ``cam / cam_scale(bundle)``.
+
+    With ``with_legend`` a colour bar of :data:`LEGEND_HEIGHT` rows is appended below, so the result is
+    (h + LEGEND_HEIGHT, w, 3).
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"overlay needs an RGB picture (h, w, 3), got shape {rgb.shape}")
+    top = cam_scale(bundle) if scale is None else float(scale)
+    level = upsample(cam, rgb.shape[:2]) / np.float32(top)
+    picture = blend(rgb, level)
+    if not with_legend:
+        return picture
+    return np.vstack([picture, legend(rgb.shape[1], top, bundle.threshold)])
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("OpenCV could not encode the overlay as JPEG")
+    return buf.tobytes()
+
+
+def overlay_jpeg(rgb: np.ndarray, cam: np.ndarray, bundle: Bundle, quality: int = 85) -> bytes:
+    """JPEG bytes of :func:`overlay_image` (heat over the prepared frame, colour bar below)."""
+    return encode_jpeg(overlay_image(rgb, cam, bundle), quality)
+
+
+def anomaly_overlay_jpeg(bundle: Bundle, embedding: Embedding, nearest: int, quality: int = 85) -> bytes:
+    """The one call the service needs: anomaly heat map of a scored frame, as a JPEG."""
+    return overlay_jpeg(embedding.rgb, anomaly_cam(bundle, embedding, nearest), bundle, quality)
+
+
+def grid_image(
+    tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, columns: int = 4, tile_size: int = 160
+) -> np.ndarray:
+    """Tiles (RGB uint8, any size) in a grid with an optional caption under each; RGB uint8."""
+    if not tiles:
+        raise ValueError("grid_image needs at least one tile")
+    cap = 14 if labels else 0
+    cols = max(1, min(columns, len(tiles)))
+    rows = (len(tiles) + cols - 1) // cols
+    grid = np.full((rows * (tile_size + cap), cols * tile_size, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y, x = r * (tile_size + cap), c * tile_size
+        th, tw = tile.shape[:2]
+        f = tile_size / max(th, tw)
+        small = cv2.resize(tile, (max(1, round(tw * f)), max(1, round(th * f))), interpolation=cv2.INTER_AREA)
+        grid[y : y + small.shape[0], x : x + small.shape[1]] = small if small.ndim == 3 else small[..., None]
+        if labels:
+            text = str(labels[i])[: tile_size // 6]
+            cv2.putText(
+                grid, text, (x + 2, y + tile_size + cap - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA
+            )
+    return grid
