@@ -23,14 +23,17 @@ z is not a model output: it is rebuilt as ``W^T GAP(A) + b`` from the (dequantis
 the float head weights, so the same code serves float and int8 bundles.
 
 Units and the colour anchor: to first order a change of the feature map moves the score by
-``sum_ij sum_c alpha_c dA_ijc``, so a cam cell is a share of the score in score units. The overlay
-maps ``cam / cam_scale`` to the colour bar, where ``cam_scale`` is a constant of the bundle, never of
-the frame (see :func:`cam_scale`): the same cam value gets the same colour on every frame, and a
-nearly flat, cold picture really means "nothing here pushes the score up".
+``sum_ij sum_c alpha_c dA_ijc``, so a cam cell is in score units (a cell's share of what pushes the
+score up; without a projection bias the map before the ReLU sums to exactly 0, because the cosine
+does not change when g is scaled). The overlay maps ``cam / cam_scale`` to the colour bar, where
+``cam_scale`` is a constant of the bundle derived from its threshold, never of the frame (see
+:func:`cam_scale`): the same cam value gets the same colour on every frame, and a cold picture really
+means "nothing here pushes the score up much".
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -42,10 +45,12 @@ from agent.scoring import Embedding
 
 logger = logging.getLogger(__name__)
 
-# Without a calibrated ``gradcam.cam_scale`` in the manifest the colour bar tops out at
-# threshold / DEFAULT_CELLS: a defect whose evidence sits in about that many feature-map cells, each
-# at the top colour, adds about one threshold to the score (cam cells are in score units, see above).
-DEFAULT_CELLS = 4.0
+# Without a calibrated ``gradcam.cam_scale`` in the manifest the colour bar tops out at TOP_SHARES times
+# threshold / (h w): what each feature-map cell would carry if a frame exactly at the threshold spread its
+# score evenly over the map. Measured on magnetic tile (docs/GRADCAM.md): a frame's hottest cell carries
+# 1.5-2x score / (h w), so a frame at the threshold peaks near the middle of the bar, one at twice the
+# threshold near the top, and normal frames stay in the blues.
+TOP_SHARES = 4.0
 LEGEND_HEIGHT = 18  # pixels of colour bar + labels appended below the overlay picture
 COLORMAP = cv2.COLORMAP_JET
 MAX_ALPHA = 0.65  # how much heat covers the picture at the top of the scale
@@ -142,14 +147,17 @@ def class_cams(bundle: Bundle, embedding: Embedding) -> dict[str, np.ndarray]:
 def cam_scale(bundle: Bundle) -> float:
     """The cam value at the top of the colour bar: a constant of the bundle, the same for every frame.
 
-    ``manifest["gradcam"]["cam_scale"]`` when the trainer calibrated one, else the threshold divided
-    by :data:`DEFAULT_CELLS` (cam cells are score shares, see the module docstring).
+    ``manifest["gradcam"]["cam_scale"]`` when the trainer calibrated one, else
+    ``TOP_SHARES * threshold / (h * w)`` with (h, w) the feature map's size (see :data:`TOP_SHARES`).
     """
     spec = bundle.manifest.get("gradcam") or {}
     value = spec.get("cam_scale")
     if value is not None and float(value) > 0:
         return float(value)
-    return max(float(bundle.threshold) / DEFAULT_CELLS, 1e-9)
+    cells = 1
+    if bundle.feature_map_output is not None:
+        cells = int(np.prod(bundle.feature_map_output.shape[1:3]))
+    return max(TOP_SHARES * float(bundle.threshold) / cells, 1e-12)
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -159,21 +167,38 @@ def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
+def _level_index(level: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(level, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per colour level (256): its RGB colour and its blend weight in 1/256 steps (sqrt: faint heat shows)."""
+    colours = cv2.cvtColor(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], COLORMAP), cv2.COLOR_BGR2RGB)
+    weights = np.rint(256.0 * MAX_ALPHA * np.sqrt(np.arange(256) / 255.0)).astype(np.uint16)
+    return colours.reshape(256, 3).astype(np.uint16), weights
+
+
 def colorize(level: np.ndarray) -> np.ndarray:
     """Levels in [0, 1] to RGB uint8 colours of the colour map."""
-    idx = np.clip(np.rint(np.asarray(level, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(idx, COLORMAP), cv2.COLOR_BGR2RGB)
+    return _tables()[0][_level_index(level)].astype(np.uint8)
 
 
 def blend(rgb: np.ndarray, level: np.ndarray) -> np.ndarray:
-    """Heat over the picture; a cold cell leaves the picture as it is, a hot one is mostly colour."""
-    alpha = (MAX_ALPHA * np.sqrt(np.clip(level, 0.0, 1.0)))[..., None]
-    out = rgb.astype(np.float32) * (1.0 - alpha) + colorize(level).astype(np.float32) * alpha
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """Heat over the picture; a cold cell leaves the picture as it is, a hot one is mostly colour.
+
+    Integer arithmetic through 256-entry tables: this runs for every published heat map on the box.
+    """
+    colours, weights = _tables()
+    idx = _level_index(level)
+    a = weights[idx][..., None]
+    out = (rgb.astype(np.uint16) * (256 - a) + colours[idx] * a + 128) >> 8
+    return out.astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
 def legend(width: int, scale: float, threshold: float) -> np.ndarray:
-    """A colour bar with the cam values at its ends and a mark where a cell alone reaches the threshold."""
+    """A colour bar with the cam values at its ends and the bundle's threshold named."""
     bar = np.full((LEGEND_HEIGHT, width, 3), 255, np.uint8)
     bar[:8] = colorize(np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :].repeat(8, axis=0))
     font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.3
@@ -184,6 +209,7 @@ def legend(width: int, scale: float, threshold: float) -> np.ndarray:
     label = f"cam (score units), thr {threshold:.3g}"
     (lw, _), _ = cv2.getTextSize(label, font, fs, 1)
     cv2.putText(bar, label, (max((width - lw) // 2, 12), LEGEND_HEIGHT - 2), font, fs, (60, 60, 60), 1, cv2.LINE_AA)
+    bar.flags.writeable = False  # cached and shared between calls
     return bar
 
 

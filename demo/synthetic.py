@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def _scene(rng: np.random.Generator) -> _Scene:
         gradient_deg=float(rng.uniform(0.0, 360.0)),
         band_pos=float(rng.uniform(-0.15, 0.15)),
         band_deg=float(rng.uniform(20.0, 70.0)),
-        base_grey=float(rng.uniform(150.0, 170.0)),
+        base_grey=float(rng.uniform(128.0, 150.0)),
         belt_grey=float(rng.uniform(52.0, 68.0)),
         noise_sigma=float(rng.uniform(1.2, 2.4)),
     )
@@ -162,7 +163,7 @@ def _surface(rng: np.random.Generator, sc: _Scene, mask: np.ndarray, boss: np.nd
     # A broad specular band across the part.
     b = math.radians(sc.band_deg)
     along = ((xx / s - 0.5) * math.cos(b) + (yy / s - 0.5) * math.sin(b)) - sc.band_pos
-    band = 28.0 * np.exp(-(along**2) / (2 * 0.12**2))
+    band = 24.0 * np.exp(-(along**2) / (2 * 0.12**2))
 
     grey = sc.base_grey + band + brushed * (1.0 - boss_f) + rings * boss_f + 8.0 * boss_f
     grey += 70.0 * _edge_shading(mask, light, s * 0.006)
@@ -198,11 +199,14 @@ def _random_inside(rng: np.random.Generator, mask: np.ndarray, margin: int) -> t
     return int(xs[i]), int(ys[i])
 
 
-def _outline_point(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A random point on the outer outline and the outward unit normal there."""
-    contours, _ = cv2.findContours((mask > 127).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    contour = max(contours, key=cv2.contourArea).reshape(-1, 2)
-    p = contour[int(rng.integers(len(contour)))].astype(np.float32)
+def _outline_point(
+    rng: np.random.Generator, mask: np.ndarray, include_holes: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random point on the outline (optionally also a hole's rim) and the unit normal pointing off the part."""
+    mode = cv2.RETR_LIST if include_holes else cv2.RETR_EXTERNAL
+    contours, _ = cv2.findContours((mask > 127).astype(np.uint8), mode, cv2.CHAIN_APPROX_NONE)
+    points = np.concatenate([c.reshape(-1, 2) for c in contours if len(c) > 20])
+    p = points[int(rng.integers(len(points)))].astype(np.float32)
     m = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), mask.shape[0] * 0.01)
     x, y = int(p[0]), int(p[1])
     g = np.array([cv2.Sobel(m, cv2.CV_32F, 1, 0)[y, x], cv2.Sobel(m, cv2.CV_32F, 0, 1)[y, x]])
@@ -226,22 +230,28 @@ def _missing_chunk(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarr
     return new_mask, cv2.bitwise_and(mask, chunk)
 
 
-def _dent(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Push the outline inward at one place. Returns the new mask, the bump height field and the defect mask."""
+def _dent(
+    rng: np.random.Generator, part: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Press an edge or a hole's rim in: the picture and outline are warped locally.
+
+    Returns the warped part picture, the new mask, the depression's height field and the defect mask.
+    """
     s = mask.shape[0]
-    p, n = _outline_point(rng, mask)
-    sigma = s * float(rng.uniform(0.03, 0.045))
-    depth = s * float(rng.uniform(0.025, 0.04))
+    p, n = _outline_point(rng, mask, include_holes=True)
+    sigma = s * float(rng.uniform(0.035, 0.05))
+    depth = s * float(rng.uniform(0.04, 0.06))
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     g = np.exp(-((xx - p[0]) ** 2 + (yy - p[1]) ** 2) / (2 * sigma**2))
-    # Sampling from further out along the normal pulls the belt inward over the edge.
+    # Sampling from further out along the normal pulls the outline inward, bevel and all.
     map_x = xx + depth * g * n[0]
     map_y = yy + depth * g * n[1]
     new_mask = cv2.remap(mask, map_x, map_y, cv2.INTER_LINEAR, borderValue=0)
+    new_part = cv2.remap(part, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     changed = cv2.absdiff(mask, new_mask) > 40
-    region = (g > 0.25) & (new_mask > 127)
+    region = (g > 0.3) & (new_mask > 127)
     defect = np.where(changed | region, 255, 0).astype(np.uint8)
-    return new_mask, g, defect
+    return new_part, new_mask, g, defect
 
 
 def _dent_shading(height: np.ndarray, light: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -253,29 +263,31 @@ def _dent_shading(height: np.ndarray, light: np.ndarray, mask: np.ndarray) -> np
     return (60.0 * shade / peak - 25.0 * height) * (mask > 127)
 
 
-def _scratch(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A curved groove: returns the additive grey layer and the defect mask."""
+def _scratch(rng: np.random.Generator, mask: np.ndarray, light: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A curved groove, mostly along the part: returns the additive grey layer and the defect mask."""
     s = mask.shape[0]
     x0, y0 = _random_inside(rng, mask, int(s * 0.03))
-    length = s * float(rng.uniform(0.16, 0.3))
-    a = float(rng.uniform(0, np.pi))
+    length = s * float(rng.uniform(0.14, 0.24))
+    # Along the long axis (either way), so the groove stays on the part instead of leaving it at once.
+    a = float(rng.uniform(-0.6, 0.6)) + (np.pi if rng.uniform() < 0.5 else 0.0)
     p0 = np.array([x0, y0], np.float32)
     p2 = p0 + length * np.array([math.cos(a), math.sin(a)], np.float32)
     bend = length * float(rng.uniform(-0.2, 0.2))
     p1 = (p0 + p2) / 2 + bend * np.array([-math.sin(a), math.cos(a)], np.float32)
     t = np.linspace(0, 1, 40, dtype=np.float32)[:, None]
     curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-    pts = np.round(curve * 16).astype(np.int32)  # 4 fractional bits for smooth anti-aliased strokes
-    width = max(2, round(s * float(rng.uniform(0.005, 0.008))))
-    core = np.zeros((s, s), np.float32)
-    rim = np.zeros((s, s), np.float32)
-    cv2.polylines(rim, [pts], False, 1.0, width * 3, cv2.LINE_AA, shift=4)
-    cv2.polylines(core, [pts], False, 1.0, width, cv2.LINE_AA, shift=4)
-    rim = cv2.GaussianBlur(rim, (0, 0), width * 0.7)
+    width = max(3, round(s * float(rng.uniform(0.008, 0.012))))
+    groove = np.zeros((s, s), np.float32)
+    lip = np.zeros((s, s), np.float32)
+    cv2.polylines(groove, [np.round(curve * 16).astype(np.int32)], False, 1.0, width, cv2.LINE_AA, shift=4)
+    # The lip on the lit side of the groove catches the light.
+    lit = curve + light[None, :].astype(np.float32) * width
+    cv2.polylines(lip, [np.round(lit * 16).astype(np.int32)], False, 1.0, max(1, width // 2), cv2.LINE_AA, shift=4)
+    groove = cv2.GaussianBlur(groove, (0, 0), 0.7)
     on_part = (mask > 127).astype(np.float32)
-    layer = (85.0 * core - 55.0 * rim) * on_part
-    defect = np.where((rim > 0.2) & (on_part > 0), 255, 0).astype(np.uint8)
-    return layer, defect
+    layer = (-80.0 * groove + 55.0 * lip) * on_part
+    defect = np.where((cv2.dilate(groove + lip, np.ones((3, 3), np.uint8)) > 0.2) & (on_part > 0), 255, 0)
+    return layer, defect.astype(np.uint8)
 
 
 def _stain(rng: np.random.Generator, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,18 +330,15 @@ def render_part(rng: np.random.Generator, size: int = 256, kind: str | None = No
     sc = _scene(base_rng)
     mask, boss = _geometry(s)
     defect = np.zeros_like(mask)
-    height = None
     if kind == "missing":
         mask, defect = _missing_chunk(defect_rng, mask)
         boss = cv2.bitwise_and(boss, mask)
-    elif kind == "dent":
-        mask, height, defect = _dent(defect_rng, mask)
-        boss = cv2.bitwise_and(boss, mask)
     part = _surface(base_rng, sc, mask, boss)
-    if kind == "dent" and height is not None:
+    if kind == "dent":
+        part, mask, height, defect = _dent(defect_rng, part, mask)
         part += _dent_shading(height, _canonical_light(sc), mask)[:, :, None]
     elif kind == "scratch":
-        layer, defect = _scratch(defect_rng, mask)
+        layer, defect = _scratch(defect_rng, mask, _canonical_light(sc))
         part += layer[:, :, None]
     elif kind == "stain":
         alpha, colour, defect = _stain(defect_rng, mask)
@@ -395,11 +404,18 @@ def _item_rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, split, index])
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    ok, data = cv2.imencode(".png", image)
+JPEG_QUALITY = 95  # of data-set JPEGs and video frames alike, so a bundle trains on what the camera sends
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if path.suffix == ".jpg" else []
+    ok, data = cv2.imencode(path.suffix, image, params)
     if not ok:
-        raise OSError(f"{path}: OpenCV could not encode the picture as PNG")
+        raise OSError(f"{path}: OpenCV could not encode the picture as {path.suffix}")
     path.write_bytes(data.tobytes())
+
+
+IMAGE_FORMATS = ("png", "jpg", "mjpg")
 
 
 def write_dataset(
@@ -410,27 +426,40 @@ def write_dataset(
     size: int = 256,
     seed: int = 0,
     kinds: Sequence[str] = DEFECT_KINDS,
+    image_format: str = "png",
 ) -> dict[str, int]:
     """Write an MVTec-layout data set and return the count per folder.
 
     ``root/train/good``, ``root/test/good``, ``root/test/<kind>`` (``n_test_defect`` pictures for each
-    kind) and ``root/ground_truth/<kind>/<name>_mask.png``, all PNG.
+    kind) and ``root/ground_truth/<kind>/<name>_mask.png``. ``image_format``: ``png`` (lossless),
+    ``jpg`` (JPEG at the video's quality) or ``mjpg``: PNG files of the frames exactly as the agent
+    decodes them from an MJPG video like write_video's. A bundle for the demo video must learn what
+    that compression does to a part, or compression alone reads as an anomaly. Masks are always PNG.
     """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format {image_format!r}: use one of {', '.join(IMAGE_FORMATS)}")
     root = Path(root)
+    suffix = "jpg" if image_format == "jpg" else "png"
     counts: dict[str, int] = {}
-    jobs: list[tuple[str, int, int, str | None]] = [("train/good", 0, n_train, None), ("test/good", 1, n_test_good, None)]
+    jobs: list[tuple[str, int, int, str | None]] = [
+        ("train/good", 0, n_train, None),
+        ("test/good", 1, n_test_good, None),
+    ]
     jobs += [(f"test/{k}", 2 + DEFECT_KINDS.index(k), n_test_defect, k) for k in kinds]
     for folder, split, n, kind in jobs:
         out = root / folder
         out.mkdir(parents=True, exist_ok=True)
-        gt = root / "ground_truth" / kind if kind else None
-        if gt is not None:
+        rendered = [render_part(_item_rng(seed, split, i), size, kind) for i in range(n)]
+        images = [r.image for r in rendered]
+        if image_format == "mjpg" and images:
+            images = mjpg_roundtrip(images)
+        for i, image in enumerate(images):
+            _write_image(out / f"{i:03d}.{suffix}", image)
+        if kind is not None:
+            gt = root / "ground_truth" / kind
             gt.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            r = render_part(_item_rng(seed, split, i), size, kind)
-            _write_png(out / f"{i:03d}.png", r.image)
-            if gt is not None:
-                _write_png(gt / f"{i:03d}_mask.png", r.defect_mask)
+            for i, r in enumerate(rendered):
+                _write_image(gt / f"{i:03d}_mask.png", r.defect_mask)
         counts[folder] = n
         logger.info("wrote %d pictures to %s", n, out)
     return counts
@@ -455,6 +484,52 @@ def sidecar_path(video: str | Path) -> Path:
     return video.with_name(video.name + ".json")
 
 
+def _mjpg_writer(path: Path, size: tuple[int, int], fps: float) -> cv2.VideoWriter:
+    # OpenCV's own MJPEG writer honours the quality setting (the FFmpeg one ignores it).
+    fourcc = cv2.VideoWriter_fourcc(*"MJPG")
+    writer = cv2.VideoWriter(str(path), cv2.CAP_OPENCV_MJPEG, fourcc, float(fps), size)
+    if not writer.isOpened():
+        writer = cv2.VideoWriter(str(path), fourcc, float(fps), size)
+    if not writer.isOpened():
+        raise OSError(
+            f"{path}: OpenCV cannot write an MJPG video here; check the folder and that the name ends in .avi"
+        )
+    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, JPEG_QUALITY)
+    return writer
+
+
+def read_video(path: str | Path) -> list[np.ndarray]:
+    """Every frame of a video file, decoded as the agent decodes it (cv2.VideoCapture's default backend)."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(frame)
+    finally:
+        cap.release()
+    return frames
+
+
+def mjpg_roundtrip(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The pictures after an MJPG video's encode and decode: what a camera box reading the video sees."""
+    h, w = images[0].shape[:2]
+    with tempfile.TemporaryDirectory(prefix="yugami-mjpg-") as tmp:
+        path = Path(tmp) / "roundtrip.avi"
+        writer = _mjpg_writer(path, (w, h), 10.0)
+        try:
+            for image in images:
+                writer.write(image)
+        finally:
+            writer.release()
+        frames = read_video(path)
+    if len(frames) != len(images):
+        raise OSError(f"MJPG round trip gave {len(frames)} frames for {len(images)} pictures")
+    return frames
+
+
 def write_video(
     path: str | Path,
     n_frames: int = 40,
@@ -471,12 +546,8 @@ def write_video(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), float(fps), (size, size))
-    if not writer.isOpened():
-        raise OSError(f"{path}: OpenCV cannot write an MJPG video here; check the folder and that the name ends in .avi")
-    # High JPEG quality so compression does not blur thin scratches away.
-    writer.set(cv2.VIDEOWRITER_PROP_QUALITY, 95)
     plan = video_schedule(n_frames, anomaly_every, kinds)
+    writer = _mjpg_writer(path, (size, size), fps)
     try:
         for i, kind in enumerate(plan):
             writer.write(render_part(_item_rng(seed, 100, i), size, kind).image)
@@ -513,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--test-good", type=int, default=30, help="normal test pictures (default 30)")
     ds.add_argument("--test-defect", type=int, default=10, help="test pictures per defect kind (default 10)")
     ds.add_argument("--kinds", default=",".join(DEFECT_KINDS), help="comma-separated defect kinds (default all)")
+    ds.add_argument(
+        "--format",
+        choices=IMAGE_FORMATS,
+        default="png",
+        help=f"png; jpg (quality {JPEG_QUALITY}); mjpg: PNGs of the frames as decoded from an MJPG video (default png)",
+    )
     vid = sub.add_parser("video", help="write an MJPG .avi and its <name>.avi.json list of defective frames")
     vid.add_argument("path", type=Path, help="output video, ending in .avi")
     vid.add_argument("--frames", type=int, default=40, help="number of frames (default 40)")
@@ -537,14 +614,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "dataset":
         counts = write_dataset(
-            args.root, args.train, args.test_good, args.test_defect, args.size, args.seed, _parse_kinds(args.kinds)
+            args.root,
+            args.train,
+            args.test_good,
+            args.test_defect,
+            args.size,
+            args.seed,
+            _parse_kinds(args.kinds),
+            args.format,
         )
         print(json.dumps({"root": str(args.root), "counts": counts}))
     else:
         side = write_video(args.path, args.frames, args.anomaly_every, args.size, args.fps, args.seed)
         plan = json.loads(side.read_text())["defects"]
-        print(json.dumps({"video": str(args.path), "sidecar": str(side), "defective_frames": [
-            i for i, k in enumerate(plan) if k is not None]}))
+        print(
+            json.dumps(
+                {
+                    "video": str(args.path),
+                    "sidecar": str(side),
+                    "defective_frames": [i for i, k in enumerate(plan) if k is not None],
+                }
+            )
+        )
     return 0
 
 

@@ -112,9 +112,9 @@ def add_line(picture: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cf
     length = rng.uniform(*cfg.length_frac) * side
     angle = rng.uniform(0, np.pi)
     dx, dy = 0.5 * length * np.cos(angle), 0.5 * length * np.sin(angle)
-    p1 = (int(round(cx - dx)), int(round(cy - dy)))
-    p2 = (int(round(cx + dx)), int(round(cy + dy)))
-    width = max(1, int(round(rng.uniform(*cfg.width_px) * scale)))
+    p1 = (round(cx - dx), round(cy - dy))
+    p2 = (round(cx + dx), round(cy + dy))
+    width = max(1, round(rng.uniform(*cfg.width_px) * scale))
     stroke = np.zeros((h, w), np.uint8)
     cv2.line(stroke, p1, p2, 255, width, lineType=cv2.LINE_AA)
     if not anywhere:
@@ -130,7 +130,7 @@ def add_line(picture: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cf
 def patch_side(picture_side: int, frac: float, cfg: DistortionConfig) -> int:
     """Patch side in pixels: the drawn share of the picture, never below the (scaled) floor."""
     floor = cfg.patch_floor_px * picture_side / REFERENCE_SIZE
-    return int(round(max(frac * picture_side, floor, 4.0)))
+    return round(max(frac * picture_side, floor, 4.0))
 
 
 def add_distortion(

@@ -95,7 +95,7 @@ def split_holdout(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
     if not 0.0 <= share < 1.0:
         raise DataError(f"held-out share {share} must be in [0, 1)")
     order = np.random.default_rng([seed, 7]).permutation(n)
-    n_held = int(round(n * share))
+    n_held = round(n * share)
     if share > 0 and n_held < 2:
         n_held = min(2, n - 1)
     if n - n_held < 2:

@@ -101,7 +101,8 @@ def test_same_cam_value_gets_the_same_colour_on_every_frame(bundle) -> None:
 
 
 def test_cam_scale_follows_the_threshold_or_the_manifest(bundle) -> None:
-    assert cam_scale(bundle) == pytest.approx(bundle.threshold / 4.0)
+    h, w = bundle.feature_map_output.shape[1:3]
+    assert cam_scale(bundle) == pytest.approx(4.0 * bundle.threshold / (h * w))
     bundle.manifest.setdefault("gradcam", {})["cam_scale"] = 0.123
     try:
         assert cam_scale(bundle) == 0.123
@@ -114,3 +115,46 @@ def test_grid_image_places_every_tile() -> None:
     grid = grid_image(tiles, labels=list("abcde"), columns=3, tile_size=40)
     assert grid.shape == (2 * (40 + 14), 3 * 40, 3)
     assert grid[5, 5, 0] == 10 and grid[5 + 54, 5, 0] == 160 and grid[5 + 54, 45, 0] == 210
+
+
+def test_score_cli_writes_one_overlay_per_image(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    from agent.cli import score_main
+    from tests.builders import plain_part_images, scratched
+
+    images = []
+    for i, img in enumerate(plain_part_images(2, seed=3)):
+        sub = tmp_path / f"cam{i}"  # same file name in two folders: two overlays, not one overwritten
+        sub.mkdir()
+        cv2.imwrite(str(sub / "part.png"), scratched(img, seed=i))
+        images.append(str(sub / "part.png"))
+    out = tmp_path / "heat"
+    assert score_main([str(tiny_bundle), *images, "--gradcam", str(out)]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    written = [Path(line["gradcam"]) for line in lines]
+    assert len(set(written)) == 2 and all(p.parent == out for p in written)
+    for p in written:
+        img = cv2.imread(str(p))
+        assert img is not None and img.shape == (64 + LEGEND_HEIGHT, 64, 3)
+
+
+def test_eval_grid_has_a_tile_per_picked_image(tiny_bundle: Path, tmp_path: Path) -> None:
+    from tests.builders import plain_part_images, scratched
+    from trainer.plots_gradcam import pick_examples, write_gradcam_grid
+
+    test: dict[str, list[Path]] = {"good": [], "scratch": []}
+    for i, img in enumerate(plain_part_images(4, seed=9)):
+        for kind, pic in (("good", img), ("scratch", scratched(img, seed=i))):
+            path = tmp_path / kind / f"{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            cv2.imwrite(str(path), pic)
+            test[kind].append(path)
+    picked = pick_examples(test, per_type=3)
+    assert [k for k, _ in picked] == ["good"] * 3 + ["scratch"] * 3
+    assert picked[0][1].name == "0.png" and picked[2][1].name == "3.png"  # spread over the list
+    out = write_gradcam_grid(
+        load_bundle(tiny_bundle), test, tmp_path / "plots" / "gradcam_grid.png", per_type=3, columns=3, tile_size=100
+    )
+    grid = cv2.imread(str(out))
+    assert grid is not None and grid.shape == (2 * (100 + 14), 3 * 100, 3)

@@ -1,0 +1,585 @@
+"""``yugami-agent --config FILE``: the inspection service on the camera box.
+
+One frame loop in the main thread: take a frame, score it, store the verdict in the outbox, let
+the deliverer publish it. The TFLite interpreter is used from this thread only; MQTT callbacks
+(network thread) only queue commands and acknowledgements for it. Signal handlers only set flags.
+
+systemd: READY=1 once model, source and broker are up (or after ``service.ready_timeout_s``,
+reported as degraded), WATCHDOG=1 from the frame loop (a hung camera read stops the pings and
+systemd restarts us), STOPPING=1 on SIGTERM, RELOADING=1 + READY=1 around a SIGHUP reload.
+
+Exit status: 0 after a clean stop, 78 (EX_CONFIG) for a bad config or bundle at start (systemd's
+RestartPreventExitStatus=78 stops a restart loop), 1 for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.bundle import Bundle, BundleError, load_bundle
+from agent.capture import Frame, ManagedSource, SourceStatus, make_source, new_run_id
+from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config, warnings_for
+from agent.metrics import MetricsServer
+from agent.mqtt import (
+    Command,
+    LinkCallbacks,
+    Message,
+    MqttLink,
+    Topics,
+    command_result_message,
+    discovery_message,
+    event_message,
+    gradcam_message,
+    state_message,
+    stats_message,
+    utc_iso,
+    verdict_message,
+    verdict_payload,
+)
+from agent.notify import Notifier
+from agent.outbox import Deliverer, Outbox, Row
+from agent.preprocess import ImageError
+from agent.scoring import Embedding, Scorer
+from agent.storage import Evidence
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+IDLE_WAIT_S = 0.1  # longest the loop sleeps when there is nothing to do (bounds signal latency too)
+GRADCAM_WAIT_S = 60.0  # a "next frame" Grad-CAM request fails if no frame comes within this
+
+
+def load_agent_bundle(cfg: AgentConfig) -> Bundle:
+    """The configured bundle, with the config's ROI (if any) replacing the bundle's."""
+    bundle = load_bundle(cfg.bundle, num_threads=cfg.threads)
+    if cfg.capture.roi is not None:
+        roi = tuple(cfg.capture.roi)
+        bundle = dataclasses.replace(bundle, preprocessing=bundle.preprocessing.with_roi(roi))  # type: ignore[arg-type]
+    return bundle
+
+
+@dataclass
+class Recent:
+    """What a later cmd/gradcam needs of an inspected frame."""
+
+    frame_id: str
+    bundle: Bundle
+    embedding: Embedding
+    nearest: int
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.frames = 0
+        self.anomalies = 0
+        self.errors = 0
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self.times: deque[float] = deque(maxlen=200)
+
+    def frame(self, latency_ms: float, anomaly: bool) -> None:
+        self.frames += 1
+        self.anomalies += int(anomaly)
+        self.latencies.append(latency_ms)
+        self.times.append(time.monotonic())
+
+    def fps(self) -> float:
+        now = time.monotonic()
+        recent = [t for t in self.times if now - t <= 10.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+    def latency(self) -> dict[str, float | None]:
+        if not self.latencies:
+            return {"p50": None, "p99": None}
+        arr = np.asarray(self.latencies)
+        return {"p50": round(float(np.percentile(arr, 50)), 3), "p99": round(float(np.percentile(arr, 99)), 3)}
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.topics = Topics.from_config(cfg)
+        self.counters = Counters()
+        self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.recent: deque[Recent] = deque(maxlen=cfg.gradcam.keep_frames)
+        self.pending_gradcam: list[tuple[Command, float]] = []
+        self.last_state: dict[str, Any] | None = None
+        self._stop = False
+        self._reload_requested = False
+        self._wake = threading.Event()
+        self._ready_sent = False
+        self._degraded_ready = False
+        self.scorer: Scorer | None = None
+        self.metrics: MetricsServer | None = None
+
+    # --- setup ---
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        storage = cfg.storage_dir
+        storage.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(storage / "outbox.sqlite3", cfg.outbox.max_messages, on_drop=self._outbox_dropped)
+        self.evidence = Evidence(storage, cfg.storage)
+        self.link = MqttLink(cfg, self.topics, LinkCallbacks(
+            on_command=self._queue_command,
+            on_published=self._on_published,
+            on_ready=lambda: self.deliverer.set_online(True),
+            on_down=lambda: self.deliverer.set_online(False),
+            on_connected=self._on_connected,
+            discovery=self._discovery,
+        ))
+        self.deliverer = Deliverer(self.outbox, self._hand_over, window=cfg.mqtt.max_inflight)
+        self.source = ManagedSource(make_source(cfg, new_run_id()), cfg.capture, on_change=self._source_changed)
+        self.deliverer.start()
+        self.link.start()
+        if cfg.metrics.enabled:
+            self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        m = self.cfg.metrics
+        try:
+            self.metrics = MetricsServer(m.host, m.port, self.snapshot)
+        except OSError as exc:
+            logger.error("metrics: cannot listen on %s:%d (%s); pick a free metrics.port. Going on without them",
+                         m.host, m.port, exc)
+            return
+        self.metrics.start()
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: Any) -> None:
+            self._stop = True
+
+        def reload(signum: int, _frame: Any) -> None:
+            self._reload_requested = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    # --- callbacks from other threads: queue and wake, nothing more ---
+
+    def _queue_command(self, command: Command) -> None:
+        self.commands.put(command)
+        self._wake.set()
+
+    def _on_published(self, mid: int) -> None:
+        self.deliverer.acked(mid)
+
+    def _hand_over(self, row: Row) -> int | None:
+        return self.link.hand_over(Message(row.topic, row.payload, row.qos, row.retain))
+
+    def _on_connected(self) -> list[Message]:
+        out = [stats_message(self.topics, self.snapshot())]
+        if self.last_state is not None:
+            out.append(state_message(self.topics, self.last_state))
+        return out
+
+    def _discovery(self) -> Message | None:
+        return discovery_message(self.topics, self.scorer.bundle.name if self.scorer else "unknown")
+
+    # --- reports ---
+
+    def _event(self, event: str, **detail: Any) -> None:
+        self.link.publish(event_message(self.topics, event, utc_iso(), **detail))
+
+    def _source_changed(self, status: SourceStatus) -> None:
+        if status.state == "down":
+            self._event("source_down", source=status.name, error=status.error, retry_in_s=status.retry_in_s)
+        elif status.state == "up":
+            self._event("source_up", source=status.name, reopens=status.reopens)
+        elif status.state == "ended":
+            self._event("source_ended", source=status.name)
+        self.notifier.status(self._status_line())
+
+    def _outbox_dropped(self, count: int, upto: int) -> None:
+        self._event("outbox_dropped", dropped=count, total_dropped=self.outbox.dropped_total,
+                    max_messages=self.cfg.outbox.max_messages)
+
+    def snapshot(self) -> dict[str, Any]:
+        bundle = self.scorer.bundle if self.scorer else None
+        c = self.counters
+        return {
+            "ts": utc_iso(),
+            "device": self.cfg.device_id,
+            "uptime_s": round(time.monotonic() - c.started, 1),
+            "frames": c.frames,
+            "fps": round(c.fps(), 2),
+            "anomalies": c.anomalies,
+            "errors": c.errors,
+            "latency_ms": c.latency(),
+            "model": {"name": bundle.name if bundle else None, "sha256": bundle.manifest_sha256 if bundle else None},
+            "reconnects": self.link.reconnects,
+            "mqtt_connected": self.link.connected.is_set(),
+            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped_total},
+            "source": self.source.status.as_dict(),
+            "evidence": {"saved": self.evidence.saved, "kept": len(self.evidence), "errors": self.evidence.errors},
+            "version": __version__,
+        }
+
+    def _status_line(self) -> str:
+        c = self.counters
+        broker = "up" if self.link.connected.is_set() else "down"
+        return (f"{c.frames} frames, {c.anomalies} anomalies, {c.errors} bad; source {self.source.status.state}, "
+                f"broker {broker}, outbox {self.outbox.depth()}")
+
+    # --- the loop ---
+
+    def run(self) -> int:
+        try:
+            bundle = load_agent_bundle(self.cfg)
+        except (BundleError, ImportError) as exc:
+            logger.error("%s", exc)
+            return EX_CONFIG
+        self.scorer = Scorer(bundle)
+        logger.info("model %s (manifest sha256 %s), threshold %.6f", bundle.name, bundle.manifest_sha256[:12],
+                    bundle.threshold)
+        self._install_signals()
+        self._setup()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return EXIT_OK
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        min_gap = 1.0 / cfg.capture.max_fps if cfg.capture.max_fps else 0.0
+        next_frame = 0.0
+        next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
+        next_watchdog = 0.0
+        while not self._stop:
+            now = time.monotonic()
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload("SIGHUP")
+            self._run_commands()
+            self._maybe_ready(now)
+            if self.notifier.watchdog_s and now >= next_watchdog:
+                self.notifier.watchdog()
+                next_watchdog = now + self.notifier.watchdog_s
+            if now >= next_stats:
+                next_stats = now + cfg.mqtt.stats_interval_s
+                self._publish_stats()
+            self._expire_gradcam(now)
+            if cfg.capture.mode == "trigger":
+                self.source.ensure_open()  # keep the camera open between shots, and READY honest
+                self._idle(IDLE_WAIT_S)
+                continue
+            if now < next_frame:
+                self._idle(min(next_frame - now, IDLE_WAIT_S))
+                continue
+            frame = self.source.read()
+            if frame is None:
+                self._idle(IDLE_WAIT_S)
+                continue
+            next_frame = now + min_gap
+            self._process(frame)
+
+    def _idle(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _maybe_ready(self, now: float) -> None:
+        if self._ready_sent:
+            return
+        missing = [name for name, ok in (("source", self.source.ever_up), ("broker", self.link.connected.is_set()))
+                   if not ok]
+        if not missing:
+            self._ready_sent = True
+            self.notifier.ready(status=self._status_line())
+            logger.info("ready: model, source and broker are up")
+            return
+        if now - self.counters.started >= self.cfg.service.ready_timeout_s:
+            self._ready_sent = True
+            self._degraded_ready = True
+            text = f"degraded: {' and '.join(missing)} not up after {self.cfg.service.ready_timeout_s:g} s"
+            logger.warning("ready (%s); inspection goes on and verdicts are kept until they can be sent", text)
+            self.notifier.ready(status=text)
+            self._event("degraded", missing=missing)
+
+    def _publish_stats(self) -> None:
+        self.link.publish(stats_message(self.topics, self.snapshot()))
+        self.notifier.status(self._status_line())
+
+    # --- per frame ---
+
+    def _process(self, frame: Frame) -> dict[str, Any] | None:
+        """Score one frame and queue its verdict; a bad frame is reported and skipped, never fatal."""
+        assert self.scorer is not None
+        if frame.error is not None or frame.image is None:
+            self._bad_frame(frame, frame.error or "empty frame")
+            return None
+        scorer = self.scorer
+        try:
+            result, emb = scorer.score(frame.image, frame.source)
+        except ImageError as exc:
+            self._bad_frame(frame, str(exc))
+            return None
+        except Exception as exc:  # a frame must never take the service down; say what happened
+            logger.exception("scoring frame %s failed", frame.frame_id)
+            self._bad_frame(frame, f"scoring failed: {type(exc).__name__}: {exc}")
+            return None
+        bundle = scorer.bundle
+        payload = verdict_payload(
+            frame_id=frame.frame_id, ts=utc_iso(), device=self.cfg.device_id, source=frame.source,
+            score=result.score, threshold=result.threshold, verdict=result.verdict, confidence=result.confidence,
+            model_name=bundle.name, model_sha256=bundle.manifest_sha256, latency_ms=result.latency_ms,
+        )
+        msg = verdict_message(self.topics, payload, qos=self.cfg.mqtt.qos)
+        # Durable first, then mark the file inspected: a crash in between repeats the frame (same id),
+        # the other order could lose it.
+        self.outbox.put(msg.topic, msg.payload, msg.qos, msg.retain)
+        self.source.done(frame)
+        self.deliverer.wake()
+        self.last_state = payload
+        self.link.publish(state_message(self.topics, payload))
+        self.counters.frame(result.latency_ms, result.verdict == "anomaly")
+        if self.evidence.wants(result.verdict):
+            self.evidence.save(frame.image, payload)
+        record = Recent(frame.frame_id, bundle, emb, result.nearest)
+        self.recent.append(record)
+        self._gradcam_after_frame(record, result.verdict)
+        return payload
+
+    def _bad_frame(self, frame: Frame, error: str) -> None:
+        self.counters.errors += 1
+        logger.warning("bad frame %s from %s: %s", frame.frame_id, frame.source, error)
+        self.source.done(frame)  # a bad file is not retried forever
+        self._event("bad_frame", id=frame.frame_id, source=frame.source, error=error)
+
+    # --- commands ---
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                handler = {"trigger": self._cmd_trigger, "gradcam": self._cmd_gradcam, "reload": self._cmd_reload}
+                handler[command.name](command)
+            except Exception as exc:  # a command must never take the service down
+                logger.exception("command %s failed", command.name)
+                self._reply(command, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _reply(self, command: Command, ok: bool, error: str | None = None, **data: Any) -> None:
+        self.link.publish(command_result_message(self.topics, command.name, ok=ok, request_id=command.request_id,
+                                                 error=error, **data))
+
+    def _cmd_trigger(self, command: Command) -> None:
+        if self.cfg.capture.mode != "trigger":
+            self._reply(command, ok=False, error="capture.mode is 'continuous': frames are taken all the time. "
+                                                 "Set capture.mode: trigger to take frames only on cmd/trigger")
+            return
+        frame = self.source.read(fresh=True)
+        if frame is None:
+            status = self.source.status
+            why = f"source is {status.state}" + (f" ({status.error})" if status.error else "")
+            if status.state == "up":
+                why = "the source has no new frame (e.g. no new file in the folder)"
+            self._reply(command, ok=False, error=f"no frame taken: {why}")
+            return
+        payload = self._process(frame)
+        if payload is None:
+            self._reply(command, ok=False, error="the frame was bad (see the bad_frame event)", frame_id=frame.frame_id)
+            return
+        self._reply(command, ok=True, frame_id=payload["id"], verdict=payload["verdict"], score=payload["score"],
+                    confidence=payload["confidence"])
+
+    def _cmd_reload(self, command: Command) -> None:
+        ok, text = self._reload("cmd/reload")
+        bundle = self.scorer.bundle if self.scorer else None
+        model = {"name": bundle.name, "sha256": bundle.manifest_sha256} if bundle else None
+        if ok:
+            self._reply(command, ok=True, model=model)
+        else:
+            self._reply(command, ok=False, error=text, model=model)
+
+    def _reload(self, why: str) -> tuple[bool, str]:
+        """Load the bundle again; on any problem keep the current one. Returns (ok, message)."""
+        assert self.scorer is not None
+        self.notifier.reloading()
+        old = self.scorer.bundle
+        try:
+            bundle = load_agent_bundle(self.cfg)
+        except (BundleError, ImportError) as exc:
+            text = f"bundle refused, keeping {old.name} ({old.manifest_sha256[:12]}): {exc}"
+            logger.error("reload (%s): %s", why, text)
+            self._event("reload_refused", error=str(exc), model={"name": old.name, "sha256": old.manifest_sha256})
+            self.notifier.ready(status=f"reload refused: {exc}")
+            return False, text
+        self.scorer = Scorer(bundle)
+        self.recent.clear()  # cached embeddings belong to the old model
+        logger.info("reload (%s): model %s (%s) replaces %s (%s)", why, bundle.name, bundle.manifest_sha256[:12],
+                    old.name, old.manifest_sha256[:12])
+        self._event("reloaded", model={"name": bundle.name, "sha256": bundle.manifest_sha256})
+        discovery = self._discovery()
+        if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
+            self.link.publish(discovery)
+        self.notifier.ready(status=self._status_line())
+        return True, "reloaded"
+
+    def _cmd_gradcam(self, command: Command) -> None:
+        if self.cfg.gradcam.policy == "off":
+            self._reply(command, ok=False, error="gradcam.policy is 'off'; set it to on_command to allow this")
+            return
+        frame_id = command.body.get("frame_id")
+        if frame_id is None:
+            self.pending_gradcam.append((command, time.monotonic() + GRADCAM_WAIT_S))
+            return
+        record = next((r for r in self.recent if r.frame_id == frame_id), None)
+        if record is None:
+            self._reply(command, ok=False, frame_id=frame_id,
+                        error=f"frame {frame_id!r} is not among the last {len(self.recent)} frames kept "
+                              "(gradcam.keep_frames); ask sooner, or send {} for the next frame")
+            return
+        self._answer_gradcam(command, record)
+
+    def _answer_gradcam(self, command: Command, record: Recent) -> None:
+        jpeg, error = self._gradcam_jpeg(record)
+        if jpeg is None:
+            self._reply(command, ok=False, frame_id=record.frame_id, error=error)
+            return
+        self._reply(command, ok=True, frame_id=record.frame_id, topic=self.topics.gradcam, bytes=len(jpeg))
+
+    def _gradcam_after_frame(self, record: Recent, verdict: str) -> None:
+        waiting, self.pending_gradcam = self.pending_gradcam, []
+        for command, _ in waiting:
+            self._answer_gradcam(command, record)
+        if not waiting and verdict == "anomaly" and self.cfg.gradcam.policy == "every_anomaly":
+            self._gradcam_jpeg(record)
+
+    def _expire_gradcam(self, now: float) -> None:
+        if not self.pending_gradcam:
+            return
+        keep = []
+        for command, deadline in self.pending_gradcam:
+            if now < deadline:
+                keep.append((command, deadline))
+            else:
+                self._reply(command, ok=False, error=f"no frame was inspected within {GRADCAM_WAIT_S:g} s")
+        self.pending_gradcam = keep
+
+    def _gradcam_jpeg(self, record: Recent) -> tuple[bytes | None, str]:
+        """Compute and publish the overlay JPEG for a frame; (jpeg, "") or (None, why not)."""
+        try:
+            from agent import gradcam  # numpy/OpenCV only, but loaded only when asked for
+        except ImportError as exc:
+            return None, f"Grad-CAM is not available in this agent ({exc})"
+        try:
+            cam = gradcam.anomaly_cam(record.bundle, record.embedding, record.nearest)
+            jpeg = gradcam.overlay_jpeg(record.embedding.rgb, cam, record.bundle,
+                                        quality=self.cfg.gradcam.jpeg_quality)
+        except (ValueError, KeyError) as exc:  # GradCamError is a ValueError: the bundle has no usable head
+            logger.warning("Grad-CAM for frame %s failed: %s", record.frame_id, exc)
+            return None, str(exc)
+        self.link.publish(gradcam_message(self.topics, jpeg))
+        return jpeg, ""
+
+    # --- stop ---
+
+    def _shutdown(self) -> None:
+        logger.info("stopping")
+        self.notifier.stopping()
+        self.source.close()
+        # Give the broker a moment to acknowledge what is in flight; the rest stays in the outbox.
+        if self.link.connected.is_set():
+            self.deliverer.wait_idle(2.0)
+        self.deliverer.stop()
+        self.link.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.outbox.close()
+        logger.info("stopped (%d frames, %d undelivered verdicts kept)", self.counters.frames, self.outbox.depth())
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yugami-agent",
+        description="The yugami inspection service: frames in, verdicts out over MQTT (see docs/AGENT.md).",
+        epilog="Exit status: 0 clean stop or config OK; 78 bad config or bundle; 1 unexpected failure.",
+    )
+    parser.add_argument("--config", required=True, help="the agent's YAML config file")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config (and load the bundle), print a summary, and exit")
+    parser.add_argument("--version", action="version", version=f"yugami-agent {__version__}")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd the journal adds its own timestamps.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def check_config(cfg: AgentConfig) -> int:
+    try:
+        bundle = load_agent_bundle(cfg)
+    except (BundleError, ImportError) as exc:
+        print(f"yugami-agent: {cfg.config_path}: bundle: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    for warning in warnings_for(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    summary = {
+        "config": cfg.config_path,
+        "device_id": cfg.device_id,
+        "model": {"name": bundle.name, "sha256": bundle.manifest_sha256},
+        "source": {"kind": cfg.source_kind, "mode": cfg.capture.mode},
+        "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}" + (" (TLS)" if cfg.mqtt.tls.enabled else ""),
+        "topics": Topics.from_config(cfg).base,
+        "storage": str(cfg.storage_dir),
+    }
+    print("config OK: " + json.dumps(summary))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"yugami-agent: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        return check_config(cfg)
+    setup_logging(cfg.service.log_level)
+    for warning in warnings_for(cfg):
+        logger.warning("%s", warning)
+    try:
+        return Agent(cfg).run()
+    except Exception:
+        logger.exception("the agent failed unexpectedly")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    # Run the module under its own name, so log records say agent.service rather than __main__.
+    from agent.service import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,115 @@
+"""Evidence on disk: anomalous frames (and optionally a sample of normal ones) with their verdict.
+
+Layout: ``<storage>/evidence/<YYYY-MM-DD>/<HHMMSS>_<frame id>.jpg`` plus ``.json`` beside it
+(the verdict JSON, exactly as published). Retention keeps at most ``storage.max_files`` frames and
+none older than ``storage.max_age_days``; the oldest go first. A full or failing disk is logged
+and counted, never fatal: evidence is a help, the verdict on MQTT is the product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.config import StorageConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Evidence:
+    def __init__(self, root: str | Path, cfg: StorageConfig) -> None:
+        self.root = Path(root) / "evidence"
+        self.cfg = cfg
+        self.saved = 0
+        self.errors = 0
+        self._normal_count = 0
+        self._index: deque[tuple[float, Path]] = deque()  # (time saved, path without suffix), oldest first
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._load_index()
+        self.prune()
+
+    def _load_index(self) -> None:
+        items = []
+        for meta in self.root.glob("*/*.json"):
+            try:
+                items.append((meta.stat().st_mtime, meta.with_name(meta.name[: -len(".json")])))
+            except FileNotFoundError:
+                continue
+        self._index = deque(sorted(items))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def wants(self, verdict: str) -> bool:
+        """Whether a frame with this verdict is to be kept (counts ok frames for the 1-in-N sample)."""
+        if verdict == "anomaly":
+            return self.cfg.save_anomalies
+        n = self.cfg.save_normal_every
+        if n <= 0:
+            return False
+        self._normal_count += 1
+        return self._normal_count % n == 0
+
+    def save(self, image: np.ndarray, payload: dict[str, Any], now: float | None = None) -> Path | None:
+        """Write the frame and its verdict JSON; return the image path, or None when the disk refused."""
+        now = time.time() if now is None else now
+        moment = dt.datetime.fromtimestamp(now, tz=dt.timezone.utc)
+        folder = self.root / moment.strftime("%Y-%m-%d")
+        base = folder / f"{moment.strftime('%H%M%S')}_{payload['id']}"
+        ext = "." + self.cfg.image_format
+        try:
+            ok, data = cv2.imencode(ext, image)
+            if not ok:
+                raise OSError(f"OpenCV could not encode the frame as {ext}")
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(_suffixed(base, ext), data.tobytes())
+            # The JSON goes last: its presence marks a complete pair.
+            _write_atomic(_suffixed(base, ".json"), json.dumps(payload, indent=1).encode("utf-8"))
+        except (OSError, cv2.error) as exc:
+            self.errors += 1
+            logger.error("cannot save evidence for frame %s in %s: %s", payload.get("id"), folder, exc)
+            return None
+        self._index.append((now, base))
+        self.saved += 1
+        self.prune(now)
+        return _suffixed(base, ext)
+
+    def prune(self, now: float | None = None) -> int:
+        """Apply retention by count and age; return how many frames were removed."""
+        now = time.time() if now is None else now
+        max_age = self.cfg.max_age_days * 86400.0
+        removed = 0
+        while self._index and (len(self._index) > self.cfg.max_files or now - self._index[0][0] > max_age):
+            _, base = self._index.popleft()
+            self._remove(base)
+            removed += 1
+        return removed
+
+    def _remove(self, base: Path) -> None:
+        for suffix in (".jpg", ".png", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                _suffixed(base, suffix).unlink()
+        with contextlib.suppress(OSError):
+            base.parent.rmdir()  # only succeeds once the day's folder is empty
+
+
+def _suffixed(base: Path, suffix: str) -> Path:
+    # Not Path.with_suffix: frame ids may hold dots ("part.v2-1a2b"), which it would cut.
+    return base.with_name(base.name + suffix)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

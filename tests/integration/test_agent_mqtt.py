@@ -1,0 +1,251 @@
+"""The agent as a real subprocess against a real mosquitto: payloads, will, commands, sources, notify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.builders import plain_part_images
+from tests.integration.conftest import (
+    Recorder,
+    base_config,
+    free_port,
+    wait_until,
+    write_images,
+)
+
+pytestmark = pytest.mark.integration
+
+VERDICT_KEYS = ["v", "id", "ts", "device", "source", "score", "threshold", "verdict", "confidence", "model",
+                "latency_ms"]
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+BASE = "yugami/cam1"
+
+
+def white() -> np.ndarray:
+    """Far from every plain part: scores about 0.48 against the tiny bundle's threshold of about 1e-4."""
+    return np.full((96, 96, 3), 255, np.uint8)
+
+
+def manifest_sha(bundle: Path) -> str:
+    return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_folder_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, agents) -> None:
+    folder = tmp_path / "in"
+    parts = plain_part_images(4, seed=11)
+    names = write_images(folder, [parts[0], parts[1], white()])  # img_0000..img_0002
+    (folder / "img_0003.png").write_bytes(b"not a png")  # a bad frame
+    rec = Recorder(mosquitto.port, [f"{BASE}/#", "homeassistant/#"])
+    metrics_port = free_port()
+    cfg = base_config(tmp_path, tiny_bundle, mosquitto.port, str(folder),
+                      metrics={"enabled": True, "port": metrics_port})
+    agent = agents(cfg)
+    try:
+        wait_until(lambda: len(rec.on(f"{BASE}/verdict")) >= 3, 60, "3 verdicts")
+        # A file that appears while the agent runs is inspected too.
+        names += write_images(folder, [parts[2]], start=4)
+        wait_until(lambda: len(rec.on(f"{BASE}/verdict")) >= 4, 30, "the verdict of a new file")
+        verdicts = rec.json_on(f"{BASE}/verdict")
+        assert [Path(v["source"]).name for v in verdicts] == names
+        for v in verdicts:
+            assert list(v) == VERDICT_KEYS
+            assert v["v"] == 1 and v["device"] == "cam1" and TS_RE.match(v["ts"])
+            assert v["model"] == {"name": "tiny-test", "sha256": manifest_sha(tiny_bundle)}
+            assert v["verdict"] in ("ok", "anomaly") and 0.5 <= v["confidence"] <= 1.0
+            assert v["latency_ms"] > 0 and v["threshold"] > 0
+            assert (v["verdict"] == "anomaly") == (v["score"] > v["threshold"])
+        assert len({v["id"] for v in verdicts}) == 4
+        assert verdicts[2]["verdict"] == "anomaly"
+
+        bad = rec.wait_json(f"{BASE}/event", lambda e: e["event"] == "bad_frame", what="the bad_frame event")
+        assert bad["source"].endswith("img_0003.png") and "not a readable image" in bad["error"]
+        stats = rec.wait_json(f"{BASE}/stats", lambda s: s["frames"] == 4 and s["errors"] == 1, what="stats")
+        for key in ("fps", "anomalies", "latency_ms", "model", "uptime_s", "reconnects", "outbox"):
+            assert key in stats
+        assert stats["anomalies"] == 1 and stats["latency_ms"]["p50"] is not None
+        assert rec.json_on(f"{BASE}/state")[-1]["id"] == verdicts[-1]["id"]
+
+        # Home Assistant discovery: retained, and announced again when Home Assistant comes online.
+        config_topic = "homeassistant/device/yugami_cam1/config"
+        wait_until(lambda: rec.on(config_topic), 10, "the discovery config")
+        discovery = json.loads(rec.on(config_topic)[0])
+        assert discovery["availability_topic"] == f"{BASE}/available"
+        assert discovery["components"]["anomaly"]["state_topic"] == f"{BASE}/state"
+        before = len(rec.on(config_topic))
+        rec.publish("homeassistant/status", "online")
+        wait_until(lambda: len(rec.on(config_topic)) > before, 10, "discovery announced again")
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'yugami_frames_total{device="cam1"} 4' in body
+        assert 'yugami_frame_errors_total{device="cam1"} 1' in body
+
+        rec.publish(f"{BASE}/cmd/trigger", "{}")
+        refused = rec.wait_json(f"{BASE}/cmd/trigger/result", lambda r: True, what="the trigger result")
+        assert refused["ok"] is False and "continuous" in refused["error"]
+    finally:
+        rc = agent.terminate()
+    assert rc == 0, agent.logs()
+    wait_until(lambda: rec.on(f"{BASE}/available")[-1:] == [b"offline"], 10, "'offline' after a clean stop")
+    # Evidence: the anomalous frame with its verdict JSON.
+    saved = sorted((tmp_path / "state" / "evidence").glob("*/*.json"))
+    assert [json.loads(p.read_text())["id"] for p in saved] == [verdicts[2]["id"]]
+    rec.close()
+
+
+def test_last_will_turns_available_offline_on_sigkill(tmp_path: Path, tiny_bundle: Path, mosquitto, agents) -> None:
+    folder = tmp_path / "in"
+    write_images(folder, plain_part_images(1, seed=3))
+    rec = Recorder(mosquitto.port, [f"{BASE}/available"])
+    agent = agents(base_config(tmp_path, tiny_bundle, mosquitto.port, str(folder)))
+    wait_until(lambda: rec.on(f"{BASE}/available")[-1:] == [b"online"], 60, "'online'")
+    agent.kill()
+    wait_until(lambda: rec.on(f"{BASE}/available")[-1:] == [b"offline"], 30, "the last will 'offline'")
+    rec.close()
+    # Retained: a client arriving later learns the device is offline.
+    late = Recorder(mosquitto.port, [f"{BASE}/available"], name="late")
+    wait_until(lambda: late.on(f"{BASE}/available") == [b"offline"], 10, "the retained 'offline'")
+    late.close()
+
+
+def test_commands_and_bad_commands(tmp_path: Path, tiny_bundle: Path, mosquitto, agents) -> None:
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    folder = tmp_path / "in"
+    write_images(folder, [*plain_part_images(3, seed=5), white()])
+    rec = Recorder(mosquitto.port, [f"{BASE}/#"])
+    cfg = base_config(tmp_path, bundle, mosquitto.port, str(folder), mqtt={"max_command_bytes": 256},
+                      capture={"mode": "trigger"})
+    agent = agents(cfg)
+    wait_until(lambda: rec.on(f"{BASE}/available")[-1:] == [b"online"], 60, "'online'")
+
+    def result(name: str, rid: str) -> dict:
+        return rec.wait_json(f"{BASE}/cmd/{name}/result", lambda r: r.get("request_id") == rid,
+                             what=f"the result of {name} {rid}")
+
+    # trigger: one frame per command, answered with its verdict.
+    rec.publish(f"{BASE}/cmd/trigger", json.dumps({"id": "t1"}))
+    t1 = result("trigger", "t1")
+    assert t1["ok"] is True and t1["verdict"] in ("ok", "anomaly")
+    assert [v["id"] for v in rec.json_on(f"{BASE}/verdict")] == [t1["frame_id"]]
+
+    # gradcam for a frame id: the JPEG on the gradcam topic, the frame id in the result.
+    rec.publish(f"{BASE}/cmd/gradcam", json.dumps({"id": "g1", "frame_id": t1["frame_id"]}))
+    g1 = result("gradcam", "g1")
+    assert g1["ok"] is True and g1["frame_id"] == t1["frame_id"] and g1["topic"] == f"{BASE}/gradcam"
+    jpegs = wait_until(lambda: rec.on(f"{BASE}/gradcam"), 10, "the Grad-CAM JPEG")
+    assert jpegs[0][:2] == b"\xff\xd8" and len(jpegs[0]) == g1["bytes"]
+    assert cv2.imdecode(np.frombuffer(jpegs[0], np.uint8), cv2.IMREAD_COLOR) is not None
+
+    # gradcam for the next frame: answered when the next trigger brings one.
+    rec.publish(f"{BASE}/cmd/gradcam", json.dumps({"id": "g2"}))
+    rec.publish(f"{BASE}/cmd/trigger", json.dumps({"id": "t2"}))
+    t2 = result("trigger", "t2")
+    assert result("gradcam", "g2")["frame_id"] == t2["frame_id"]
+    rec.publish(f"{BASE}/cmd/gradcam", json.dumps({"id": "g3", "frame_id": "no-such-frame"}))
+    assert result("gradcam", "g3")["ok"] is False
+
+    # reload: a good bundle is taken; a damaged one is refused and the old one kept.
+    rec.publish(f"{BASE}/cmd/reload", json.dumps({"id": "r1"}))
+    assert result("reload", "r1")["ok"] is True
+    bank = bundle / "bank.npz"
+    bank.write_bytes(bank.read_bytes()[:-10] + b"0123456789")
+    rec.publish(f"{BASE}/cmd/reload", json.dumps({"id": "r2"}))
+    r2 = result("reload", "r2")
+    assert r2["ok"] is False and "sha256" in r2["error"] and r2["model"]["name"] == "tiny-test"
+    rec.publish(f"{BASE}/cmd/trigger", json.dumps({"id": "t3"}))
+    assert result("trigger", "t3")["ok"] is True  # still inspecting with the old model
+
+    # Malformed, unknown and oversized commands get error results, and the agent lives on.
+    rec.publish(f"{BASE}/cmd/trigger", b"{not json")
+    rec.publish(f"{BASE}/cmd/trigger", b"[1, 2]")
+    rec.publish(f"{BASE}/cmd/selfdestruct", b"{}")
+    rec.publish(f"{BASE}/cmd/gradcam", json.dumps({"id": "big", "pad": "x" * 400}))
+    wait_until(lambda: len(rec.json_on(f"{BASE}/cmd/trigger/result")) >= 5, 10, "two trigger errors")
+    errors = [r for r in rec.json_on(f"{BASE}/cmd/trigger/result") if r["ok"] is False]
+    assert any("not valid JSON" in r["error"] for r in errors)
+    assert any("JSON object" in r["error"] for r in errors)
+    unknown = rec.wait_json(f"{BASE}/cmd/selfdestruct/result", lambda r: True, what="unknown command result")
+    assert unknown["ok"] is False and "unknown command" in unknown["error"]
+    big = rec.wait_json(f"{BASE}/cmd/gradcam/result", lambda r: "over the limit" in r.get("error", ""),
+                        what="oversized command result")
+    assert big["ok"] is False
+
+    # SIGHUP with the damaged bundle: refused, reported, still alive.
+    agent.proc.send_signal(1)
+    refused = rec.wait_json(f"{BASE}/event", lambda e: e["event"] == "reload_refused", what="reload_refused")
+    assert "sha256" in refused["error"]
+    rec.publish(f"{BASE}/cmd/trigger", json.dumps({"id": "t4"}))
+    assert result("trigger", "t4")["ok"] is True
+    assert agent.alive()
+    assert agent.terminate() == 0, agent.logs()
+    rec.close()
+
+
+def test_notify_socket_gets_ready_watchdog_stopping(tmp_path: Path, tiny_bundle: Path, mosquitto, agents) -> None:
+    folder = tmp_path / "in"
+    write_images(folder, plain_part_images(2, seed=4))
+    sock_path = tmp_path / "notify.sock"
+    received: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(0.5)
+
+        def got(line: str) -> bool:
+            try:
+                received.extend(sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                pass
+            return line in received
+
+        env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+        agent = agents(base_config(tmp_path, tiny_bundle, mosquitto.port, str(folder)), env=env)
+        wait_until(lambda: got("READY=1"), 60, "READY=1", interval=0)
+        wait_until(lambda: got("WATCHDOG=1"), 30, "WATCHDOG=1", interval=0)
+        agent.proc.send_signal(15)
+        wait_until(lambda: got("STOPPING=1"), 30, "STOPPING=1", interval=0)
+        assert agent.proc.wait(30) == 0, agent.logs()
+    assert received.index("READY=1") < received.index("STOPPING=1")
+    assert any(line.startswith("STATUS=") for line in received)
+
+
+def test_video_file_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, agents) -> None:
+    video = tmp_path / "clip.avi"
+    frames = plain_part_images(12, seed=8)
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (96, 96))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    rec = Recorder(mosquitto.port, [f"{BASE}/#"])
+    agent = agents(base_config(tmp_path, tiny_bundle, mosquitto.port, str(video)))
+    rec.wait_json(f"{BASE}/event", lambda e: e["event"] == "source_ended", timeout=60, what="source_ended")
+    wait_until(lambda: len(rec.on(f"{BASE}/verdict")) >= 12, 20, "12 verdicts")
+    verdicts = rec.json_on(f"{BASE}/verdict")
+    assert [v["source"] for v in verdicts] == [f"{video}#{i}" for i in range(12)]
+    assert len({v["id"] for v in verdicts}) == 12
+    assert agent.alive()  # a finished file leaves the service up, idle
+    assert agent.terminate() == 0, agent.logs()
+    rec.close()
+
+
+def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("device_id: cam1\nbundle: /nowhere\ncapture: {source: 0}\nmqtt: {host: h, port: x}\n")
+    proc = subprocess.run([sys.executable, "-m", "agent.service", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78
+    assert "mqtt.port" in proc.stderr

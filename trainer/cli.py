@@ -1,0 +1,265 @@
+"""``yugami-train`` and ``yugami-eval``: the workstation's two commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.calibrate import DEFAULT_FAR
+
+logger = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+TRAIN_DESCRIPTION = """\
+Train a yugami model bundle from NORMAL images only.
+
+DATA_DIR is either MVTec layout (DATA_DIR/train/good/*.png; test/ is ignored here and used by
+yugami-eval) or a plain folder of normal images. The trainer
+  1. finds the object in each picture (mean picture, difference, Otsu, morphology),
+  2. fine-tunes MobileNetV2 with a metric-learning head (--loss) to separate normal pictures from
+     synthetic anomalies made afresh in every batch: thin lines drawn on the object (class "line")
+     and, with --classes 3, turned-and-shifted patches (class "distortion"),
+  3. exports a full-integer int8 TFLite model with two outputs [embedding, feature_map] and checks
+     it against the float model (mean cosine >= 0.98 on held-out normals, or no bundle),
+  4. keeps the int8 embeddings of the training normals as the bank (greedy k-center, < 1 MB),
+  5. sets the threshold from held-out normals (--holdout) at the target false-alarm rate (--far).
+The bundle folder (manifest.json, embedder.tflite, bank.npz, head.npz, localization.png) is what
+the camera box loads; localization.png shows where the object was found.
+"""
+
+TRAIN_EPILOG = """\
+Start here:
+  yugami-train ../shared/data/mvtec_screw --out runs/screw \\
+      --weights ../shared/weights/mobilenet_v2_1.0_224_no_top.h5
+  yugami-eval runs/screw ../shared/data/mvtec_screw --json runs/screw_eval.json --plots runs/screw_plots
+
+Baseline to read every result against (ImageNet features, nothing trained):
+  yugami-train DATA_DIR --out runs/base --epochs 0
+
+Hints: defects that are thin lines (scratches, cracks) suit --classes 2; --classes 3 adds the
+distortion class, which hurt on MVTec screw (see docs/TRAINING.md). Training is deterministic for a
+given --seed on one machine. Without internet, pass --weights PATH to a MobileNetV2 no-top .h5 file.
+"""
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    from trainer.heads import HEADS
+
+    p = argparse.ArgumentParser(
+        prog="yugami-train",
+        description=TRAIN_DESCRIPTION,
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="MVTec-layout folder or a folder of normal images")
+    p.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="bundle folder to write (replaced)")
+    m = p.add_argument_group("method")
+    m.add_argument(
+        "--loss",
+        choices=HEADS,
+        default="arcface",
+        help="metric-learning head (default arcface; adacos-fixed = AdaCos with fixed scale)",
+    )
+    m.add_argument(
+        "--classes", type=int, choices=(2, 3), default=2, help="2: normal + line; 3: + distortion (default 2)"
+    )
+    m.add_argument(
+        "--epochs",
+        type=int,
+        default=10,
+        help="passes over train/good, each picture once per class (default 10; 0 = zero-training "
+        "baseline: ImageNet features, no fine-tuning)",
+    )
+    m.add_argument("--scale", type=float, default=30.0, help="ArcFace s / L2-Softmax alpha (default 30)")
+    m.add_argument("--margin", type=float, default=0.3, help="ArcFace margin m in radians (default 0.3)")
+    net = p.add_argument_group("network")
+    net.add_argument(
+        "--input-size",
+        type=int,
+        default=224,
+        metavar="PX",
+        help="square model input in pixels (default 224; tiny defects want 320-448)",
+    )
+    net.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier (default 1.0)")
+    net.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet' (Keras downloads them), 'none' (random) or a .h5 file (default imagenet)",
+    )
+    net.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        default=38,
+        metavar="N",
+        help="train the last N backbone layers, BatchNorm stays frozen (default 38 = block_13 onwards; -1 = all)",
+    )
+    net.add_argument(
+        "--projection",
+        type=int,
+        default=0,
+        metavar="D",
+        help="Dense projection to D dims before the L2 norm (default 0 = pooled features)",
+    )
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=32, help="default 32")
+    opt.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    opt.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
+    cal = p.add_argument_group("bank and threshold")
+    cal.add_argument(
+        "--bank-size",
+        type=int,
+        default=None,
+        help="at most this many bank vectors (default: what fits in bank.npz < 1 MB)",
+    )
+    cal.add_argument(
+        "--far", type=float, default=DEFAULT_FAR, help="target false-alarm rate for the threshold (default 0.01)"
+    )
+    cal.add_argument(
+        "--holdout", type=float, default=0.2, help="share of train/good held out for calibration (default 0.2)"
+    )
+    cal.add_argument(
+        "--representative", type=int, default=300, help="normal pictures calibrating the int8 ranges (default 300)"
+    )
+    cal.add_argument(
+        "--min-int8-cosine",
+        type=float,
+        default=0.98,
+        help="refuse the export when the int8 model's embeddings of held-out normals agree with the "
+        "float model's less than this mean cosine (default 0.98)",
+    )
+    misc = p.add_argument_group("output")
+    misc.add_argument("--name", default="yugami-mobilenetv2", help="model name in the manifest")
+    misc.add_argument("--version", default="1", help="model version in the manifest")
+    misc.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    return p
+
+
+def _train_config(args: argparse.Namespace):
+    from trainer.anomalies import AnomalyConfig
+    from trainer.model import ModelConfig
+    from trainer.train import TrainConfig
+
+    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0 or args.input_size < 32:
+        raise ValueError("--epochs >= 0, --batch-size >= 1, --lr > 0 and --input-size >= 32 are required")
+    if not 0 < args.holdout < 1:
+        raise ValueError("--holdout must be in (0, 1): the threshold is calibrated on held-out normals")
+    return TrainConfig(
+        data_dir=args.data_dir,
+        out=args.out,
+        loss=args.loss,
+        classes=args.classes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        scale=args.scale,
+        margin=args.margin,
+        seed=args.seed,
+        holdout=args.holdout,
+        far=args.far,
+        bank_size=args.bank_size,
+        representative=args.representative,
+        min_int8_cosine=args.min_int8_cosine,
+        model=ModelConfig(
+            input_size=(args.input_size, args.input_size),
+            alpha=args.alpha,
+            weights=args.weights,
+            projection=args.projection,
+            fine_tune_layers=args.fine_tune_layers,
+        ),
+        anomaly=AnomalyConfig(classes=args.classes),
+        name=args.name,
+        version=args.version,
+        progress=not args.quiet,
+    )
+
+
+def _setup_logging(quiet: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    args = build_train_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    from trainer.data import DataError
+    from trainer.export import ExportError
+    from trainer.model import ModelError
+
+    try:
+        cfg = _train_config(args)
+        from trainer.train import train
+
+        out = train(cfg)
+    except (DataError, ModelError, ValueError) as exc:
+        print(f"yugami-train: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ExportError as exc:
+        print(f"yugami-train: export refused: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps({"bundle": str(out)}))
+    return 0
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    from trainer.evaluate import SCORERS
+
+    p = argparse.ArgumentParser(
+        prog="yugami-eval",
+        description=(
+            "Score DATA_DIR/test/* with a bundle exactly as the camera box does (int8 TFLite through the agent's "
+            "scorer) and report image AUROC (overall and per defect type), the bundle's threshold, and the "
+            "false-alarm and miss rates it gives. Needs test/good/ and at least one test/<defect type>/."
+        ),
+        epilog="Example: yugami-eval runs/screw ../shared/data/mvtec_screw --json runs/screw.json --plots runs/plots",
+    )
+    p.add_argument("bundle", type=Path, help="bundle folder written by yugami-train")
+    p.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="MVTec-layout folder with test/")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write roc.png and score_histogram.png")
+    p.add_argument(
+        "--scorer",
+        choices=SCORERS,
+        default="cosine",
+        help="cosine: what the device does (default); lof: Local Outlier Factor on the bank",
+    )
+    p.add_argument("--threads", type=int, default=None, help="TFLite interpreter threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    args = build_eval_parser().parse_args(argv)
+    _setup_logging(True)
+    from agent.bundle import BundleError
+    from agent.preprocess import ImageError
+    from trainer.data import DataError
+    from trainer.evaluate import evaluate
+
+    try:
+        result = evaluate(
+            args.bundle,
+            args.data_dir,
+            scorer=args.scorer,
+            json_path=args.json,
+            plots_dir=args.plots,
+            num_threads=args.threads,
+            progress=not args.quiet,
+        )
+    except (BundleError, DataError, ImageError) as exc:
+        print(f"yugami-eval: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,109 @@
+"""The embedder: MobileNetV2 backbone, global average pooling, optional projection, L2 norm.
+
+The contract every part of yugami relies on (Grad-CAM included): ONE input (H, W, 3) float in
+[-1, 1]; TWO outputs in this order, ``[embedding, feature_map]``, where feature_map is the last
+conv feature map (MobileNetV2's ``out_relu``) and embedding = L2normalize(Dense(GAP(feature_map)))
+or L2normalize(GAP(feature_map)) without the projection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FEATURE_MAP_LAYER = "out_relu"
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+
+class ModelError(ValueError):
+    """A model setting that cannot work; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    input_size: tuple[int, int] = (224, 224)  # (height, width)
+    alpha: float = 1.0  # MobileNetV2 width multiplier
+    weights: str = "imagenet"  # "imagenet" (Keras download), "none" (random) or a path to a .h5 weights file
+    projection: int = 0  # 0: embedding = L2norm(GAP); D > 0: L2norm(Dense(D)(GAP))
+    fine_tune_layers: int = 38  # backbone layers trained, counted from the end (-1: all; 38 = block_13 on)
+
+
+def resolve_weights(weights: str, alpha: float) -> str | None:
+    """The ``weights`` argument for keras.applications, checked so the error is ours, not Keras'."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        if alpha not in IMAGENET_ALPHAS:
+            raise ModelError(f"ImageNet weights exist for alpha in {IMAGENET_ALPHAS}, not {alpha}")
+        return "imagenet"
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelError(f"--weights {weights}: no such file; give 'imagenet', 'none' or a MobileNetV2 .h5 file")
+    return str(path)
+
+
+def build_backbone(cfg: ModelConfig, inputs: Any) -> keras.Model:
+    weights = resolve_weights(cfg.weights, cfg.alpha)
+    try:
+        return keras.applications.MobileNetV2(input_tensor=inputs, alpha=cfg.alpha, include_top=False, weights=weights)
+    except ValueError as exc:
+        raise ModelError(
+            f"could not build MobileNetV2(alpha={cfg.alpha}) with weights {cfg.weights!r}: {exc}. "
+            "A weights file must match alpha (the shared file is alpha 1.0)"
+        ) from exc
+
+
+def set_fine_tune(backbone: keras.Model, layers: int) -> int:
+    """Make the last ``layers`` layers trainable (-1: all). BatchNorm always stays frozen: with
+    batches of 32 mostly-similar pictures its statistics would drift away from what the rest of the
+    network expects. Returns the number of trainable weights."""
+    all_layers = backbone.layers
+    start = 0 if layers < 0 else max(0, len(all_layers) - layers)
+    for i, layer in enumerate(all_layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+    return len(backbone.trainable_weights)
+
+
+def build_embedder(cfg: ModelConfig) -> tuple[keras.Model, keras.Model]:
+    """(embedder with outputs [embedding, feature_map], the backbone inside it)."""
+    h, w = cfg.input_size
+    inputs = keras.Input((h, w, 3), name="image")
+    backbone = build_backbone(cfg, inputs)
+    fmap = backbone.get_layer(FEATURE_MAP_LAYER).output
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(fmap)
+    if cfg.projection > 0:
+        x = keras.layers.Dense(cfg.projection, name="projection")(x)
+    emb = keras.layers.UnitNormalization(name="embedding")(x)
+    embedder = keras.Model(inputs, [emb, fmap], name="yugami_embedder")
+    return embedder, backbone
+
+
+def build_training_model(embedder: keras.Model, head: keras.layers.Layer) -> keras.Model:
+    """[image, label] -> logits: the head sees the label so margins can act on the true class."""
+    labels = keras.Input((), dtype="int32", name="label")
+    emb, _ = embedder.outputs
+    logits = head([emb, labels])
+    return keras.Model([embedder.input, labels], logits, name="yugami_trainer")
+
+
+def head_arrays(embedder: keras.Model, head: Any | None) -> dict[str, np.ndarray]:
+    """What Grad-CAM needs of the head: projection kernel/bias, normalised class centres."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        proj = embedder.get_layer("projection")
+    except ValueError:
+        proj = None
+    if proj is not None:
+        kernel, bias = proj.get_weights()
+        arrays["proj_kernel"] = kernel.astype(np.float32)
+        arrays["proj_bias"] = bias.astype(np.float32)
+    if head is not None:
+        arrays["class_weights"] = head.class_weights()
+    return arrays

@@ -1,0 +1,247 @@
+"""Normal images in, a model bundle out.
+
+1. read train/good (or a plain folder), prepare every picture with the agent's preprocessing;
+2. hold out a seeded share of the normals for calibration;
+3. localise the object (mean picture, difference, Otsu, morphology) in the fit pictures;
+4. fine-tune MobileNetV2 with a metric-learning head to tell normal pictures from synthetic
+   anomalies (line, distortion) made afresh in every batch (``epochs=0``: ImageNet features as they are);
+5. export a full-integer int8 TFLite model with two outputs [embedding, feature_map]; compare it with
+   the float model on the held-out normals and refuse to ship below a mean cosine of 0.98;
+6. bank = int8 embeddings of the fit normals reduced by greedy k-center; threshold = held-out
+   score quantile at the target false-alarm rate;
+7. write the bundle (manifest with every setting, the data fingerprint, head.npz for Grad-CAM).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.bundle import write_bundle
+from agent.preprocess import Preprocessing
+from agent.scoring import cosine_scores
+from trainer import anomalies, bank, calibrate, data, localize
+from trainer.export import check_int8, export_int8, int8_agreement, tflite_embeddings, tflite_manifest
+from trainer.model import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "yugami-mobilenetv2"
+DEBUG_PICTURE = "localization.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: Path
+    out: Path
+    loss: str = "arcface"  # l2softmax | arcface | adacos | adacos-fixed
+    classes: int = 2  # 2: normal + line; 3: + distortion
+    epochs: int = 10  # 0: zero-training baseline (ImageNet features, no fine-tuning)
+    batch_size: int = 32
+    lr: float = 1e-4  # Adam learning rate
+    scale: float = 30.0  # ArcFace s (and L2-Softmax alpha)
+    margin: float = 0.3  # ArcFace m (radians)
+    seed: int = 0
+    holdout: float = 0.2  # share of train/good kept out of the bank for calibration
+    far: float = calibrate.DEFAULT_FAR  # target false-alarm rate of the threshold
+    bank_size: int | None = None  # None: as many as fit in bank.npz < 1 MB
+    representative: int = 300  # normal pictures calibrating int8 activation ranges (100-500)
+    min_int8_cosine: float = 0.98  # refuse the export when int8 and float embeddings agree less than this
+    resize: str = "area"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    anomaly: anomalies.AnomalyConfig = field(default_factory=anomalies.AnomalyConfig)
+    name: str = MODEL_NAME
+    version: str = "1"
+    progress: bool = True
+
+    def to_manifest(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data_dir"], d["out"] = str(self.data_dir), str(self.out)
+        d["model"]["input_size"] = list(self.model.input_size)
+        return d
+
+
+def _seed_everything(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Same seed, same bundle: deterministic kernels cost a little speed on CPU.
+        tf.config.experimental.enable_op_determinism()
+
+
+def epoch_plan(n_pictures: int, classes: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(picture index, label) for one epoch: every fit picture once in every class, shuffled."""
+    idx = np.repeat(np.arange(n_pictures), classes)
+    labels = np.tile(np.arange(classes), n_pictures)
+    order = np.random.default_rng([seed, epoch]).permutation(idx.size)
+    return idx[order], labels[order]
+
+
+def make_batch(
+    pictures: np.ndarray,
+    masks: np.ndarray,
+    idx: np.ndarray,
+    labels: np.ndarray,
+    gen: anomalies.AnomalyGenerator,
+    rng: np.random.Generator,
+    spec: Preprocessing,
+) -> np.ndarray:
+    """Float model inputs of one batch, anomalies drawn afresh with this batch's own rng."""
+    return data.to_model_input(gen.batch(pictures[idx], masks[idx], labels, rng), spec)
+
+
+def fine_tune(cfg: TrainConfig, pictures: np.ndarray, masks: np.ndarray, spec: Preprocessing):
+    """Train embedder + head; returns (embedder, head, history of mean losses per epoch)."""
+    import keras
+    from tqdm import tqdm
+
+    from trainer.heads import make_head
+    from trainer.model import build_embedder, build_training_model, set_fine_tune
+
+    embedder, backbone = build_embedder(cfg.model)
+    if cfg.epochs == 0:
+        return embedder, None, []
+    n_weights = set_fine_tune(backbone, cfg.model.fine_tune_layers)
+    head = make_head(cfg.loss, cfg.anomaly.classes, s=cfg.scale, m=cfg.margin)
+    trainer = build_training_model(embedder, head)
+    trainer.compile(
+        optimizer=keras.optimizers.Adam(cfg.lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    logger.info("fine-tuning %d backbone weights, head %s, %d classes", n_weights, cfg.loss, cfg.anomaly.classes)
+    gen = anomalies.AnomalyGenerator(cfg.anomaly)
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.epochs):
+        idx, labels = epoch_plan(len(pictures), cfg.anomaly.classes, cfg.seed, epoch)
+        steps = range(0, idx.size, cfg.batch_size)
+        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress)
+        losses, accs = [], []
+        for step, start in enumerate(bar):
+            b_idx, b_lab = idx[start : start + cfg.batch_size], labels[start : start + cfg.batch_size]
+            rng = np.random.default_rng([cfg.seed, epoch, step])
+            x = make_batch(pictures, masks, b_idx, b_lab, gen, rng, spec)
+            loss, acc = trainer.train_on_batch([x, b_lab.astype(np.int32)], b_lab.astype(np.int32))
+            losses.append(float(loss))
+            accs.append(float(acc))
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accs):.3f}")
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))})
+        logger.info("epoch %d: loss %.4f accuracy %.3f", epoch + 1, history[-1]["loss"], history[-1]["accuracy"])
+    return embedder, head, history
+
+
+def _representative(pictures: np.ndarray, masks: np.ndarray, cfg: TrainConfig, spec: Preprocessing) -> list[np.ndarray]:
+    """Normal pictures for the int8 ranges, every 4th with a synthetic line: a real defect drives
+    activations past what normals reach, and ranges fitted to normals alone would clip exactly the
+    part of the signal that makes an anomaly score high."""
+    rng = np.random.default_rng([cfg.seed, 11])
+    pick = sorted(rng.permutation(len(pictures))[: cfg.representative])
+    line_cfg = cfg.anomaly.line
+    out = []
+    for k, i in enumerate(pick):
+        pic = pictures[i] if k % 4 != 3 else anomalies.add_line(pictures[i], masks[i], rng, line_cfg)
+        out.append(data.to_model_input(pic, spec))
+    return out
+
+
+def _gradcam_entry(cfg: TrainConfig, head: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "feature_map_output": "feature_map",
+        "pooling": "avg",
+        "projection": cfg.model.projection > 0,
+    }
+    if head is not None:
+        entry["class_names"] = cfg.anomaly.class_names
+    return entry
+
+
+def _debug_png(pictures: np.ndarray, mean: np.ndarray, masks: np.ndarray) -> bytes:
+    picture = localize.debug_picture(pictures, mean, masks)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("could not encode the localisation debug picture")
+    return buf.tobytes()
+
+
+def _float_embeddings(embedder: Any, inputs: np.ndarray, batch: int = 32) -> np.ndarray:
+    emb, _ = embedder.predict(inputs, batch_size=batch, verbose=0)
+    return np.asarray(emb, np.float32)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the whole pipeline and write the bundle to ``cfg.out``; returns its path."""
+    t0 = time.perf_counter()
+    if cfg.epochs == 0 and cfg.model.projection > 0:
+        raise ValueError(
+            "--epochs 0 uses ImageNet features as they are; an untrained projection would scramble "
+            "them: leave --projection at 0"
+        )
+    _seed_everything(cfg.seed)
+    ds = data.find_dataset(cfg.data_dir)
+    spec = Preprocessing(input_size=cfg.model.input_size, resize=cfg.resize)
+    pictures = data.load_prepared(ds.train, spec)
+    fit_idx, held_idx = data.split_holdout(len(pictures), cfg.holdout, cfg.seed)
+    fit, held = pictures[fit_idx], pictures[held_idx]
+    mean, masks = localize.object_masks(fit)
+
+    embedder, head, history = fine_tune(cfg, fit, masks, spec)
+    t_train = time.perf_counter() - t0
+
+    representative = _representative(fit, masks, cfg, spec)
+    model_bytes = export_int8(embedder, representative)
+    held_x = data.to_model_input(held, spec)
+    agreement = int8_agreement(_float_embeddings(embedder, held_x), tflite_embeddings(model_bytes, held_x))
+    logger.info("int8 vs float: mean cosine %.4f (min %.4f)", agreement["mean_cosine"], agreement["min_cosine"])
+    check_int8(agreement, cfg.min_int8_cosine)
+
+    fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec))
+    bank16, reduction = bank.build_bank(fit_emb, cfg.bank_size)
+    held_scores, _ = cosine_scores(tflite_embeddings(model_bytes, held_x), bank16.astype(np.float32))
+    threshold = calibrate.calibrate(held_scores, cfg.far)
+
+    manifest = {
+        "model": {"name": cfg.name, "version": cfg.version, "backbone": f"MobileNetV2 alpha {cfg.model.alpha}"},
+        "preprocessing": spec.to_manifest(),
+        "tflite": tflite_manifest(model_bytes),
+        "embedding_dim": int(fit_emb.shape[1]),
+        "gradcam": _gradcam_entry(cfg, head),
+        "bank": {"reduction": reduction, "source": "int8 embeddings of the fit share of train/good"},
+        "threshold": threshold,
+        "int8_vs_float": {**agreement, "minimum_required": cfg.min_int8_cosine, "on": "held-out normals"},
+        "training": {
+            "settings": cfg.to_manifest(),
+            "data": {
+                "layout": ds.layout,
+                "train_images": len(ds.train),
+                "fit_images": len(fit_idx),
+                "held_out_images": len(held_idx),
+                "fingerprint_sha256": data.fingerprint(ds.train),
+                "fingerprint_method": "sha256 over sorted file names and their bytes",
+            },
+            "history": history,
+            "train_seconds": round(t_train, 1),
+            "zero_training_baseline": cfg.epochs == 0,
+        },
+        "localization": {"debug_picture": DEBUG_PICTURE, "mean_object_share": float(np.mean(masks > 0))},
+    }
+    from trainer.model import head_arrays
+
+    out = write_bundle(
+        cfg.out,
+        model_bytes=model_bytes,
+        bank=bank16,
+        manifest=manifest,
+        head=head_arrays(embedder, head) or None,
+        extra_files={DEBUG_PICTURE: _debug_png(fit, mean, masks)},
+    )
+    logger.info("bundle %s written in %.1f s", out, time.perf_counter() - t0)
+    return out
