@@ -75,6 +75,8 @@ class FrameSource(Protocol):
 
     def read(self, fresh: bool = False) -> Frame | None: ...
 
+    def skip(self) -> None: ...
+
     def done(self, frame: Frame) -> None: ...
 
     def close(self) -> None: ...
@@ -161,6 +163,11 @@ class VideoCaptureSource:
         self.close()
         self.open()
         return None
+
+    def skip(self) -> None:
+        """Take a frame and drop it: a live camera or stream read too slowly serves ever older frames."""
+        if self._cap is not None and self.kind in ("device", "stream") and not self._cap.grab():
+            raise SourceError(f"{self.name} stopped giving frames")
 
     def done(self, frame: Frame) -> None:
         return None
@@ -275,6 +282,9 @@ class FolderSource:
         # Same file, same id: a file inspected again after a crash repeats its id, never invents a new one.
         return hashlib.sha256(f"{name}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:10]
 
+    def skip(self) -> None:
+        return None  # files wait for us; nothing goes stale
+
     def done(self, frame: Frame) -> None:
         if frame.key is None or self._log is None:
             return
@@ -350,6 +360,10 @@ class ManagedSource:
         except SourceError as exc:
             self._fail(exc)
             return False
+        except Exception as exc:  # an unexpected driver error is a failed open like any other
+            logger.exception("opening source %s failed unexpectedly", self.status.name)
+            self._fail(exc)
+            return False
         self._open = True
         if self.ever_up:
             self.status.reopens += 1
@@ -371,9 +385,27 @@ class ManagedSource:
         except SourceError as exc:
             self._fail(exc)
             return None
+        except Exception as exc:  # whatever a driver throws, the service stays up and reopens the source
+            logger.exception("source %s failed unexpectedly", self.status.name)
+            self._fail(exc)
+            return None
         if frame is not None and self.status.failures:
             self.status.failures = 0
         return frame
+
+    @property
+    def live(self) -> bool:
+        """A camera or stream: frames keep coming whether or not we read them."""
+        return self.source.kind in ("device", "stream")
+
+    def skip(self) -> None:
+        """Drop one frame of a live source (between inspections under max_fps); failures as in read."""
+        if not self._open:
+            return
+        try:
+            self.source.skip()
+        except Exception as exc:  # the same boundary as read(): report, reopen later, never raise
+            self._fail(exc)
 
     def done(self, frame: Frame) -> None:
         try:

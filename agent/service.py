@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -86,31 +87,37 @@ class Recent:
 
 
 class Counters:
+    """Frame counters; written by the frame loop, read by the stats, metrics and MQTT threads."""
+
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.frames = 0
         self.anomalies = 0
         self.errors = 0
-        self.latencies: deque[float] = deque(maxlen=1000)
-        self.times: deque[float] = deque(maxlen=200)
+        self._lock = threading.Lock()  # a deque must not change while another thread copies it
+        self._latencies: deque[float] = deque(maxlen=1000)
+        self._times: deque[float] = deque(maxlen=200)
 
     def frame(self, latency_ms: float, anomaly: bool) -> None:
-        self.frames += 1
-        self.anomalies += int(anomaly)
-        self.latencies.append(latency_ms)
-        self.times.append(time.monotonic())
+        with self._lock:
+            self.frames += 1
+            self.anomalies += int(anomaly)
+            self._latencies.append(latency_ms)
+            self._times.append(time.monotonic())
 
     def fps(self) -> float:
         now = time.monotonic()
-        recent = [t for t in self.times if now - t <= 10.0]
+        with self._lock:
+            recent = [t for t in self._times if now - t <= 10.0]
         if len(recent) < 2:
             return 0.0
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
     def latency(self) -> dict[str, float | None]:
-        if not self.latencies:
+        with self._lock:
+            arr = np.asarray(self._latencies, dtype=np.float64)
+        if arr.size == 0:
             return {"p50": None, "p99": None}
-        arr = np.asarray(self.latencies)
         return {"p50": round(float(np.percentile(arr, 50)), 3), "p99": round(float(np.percentile(arr, 99)), 3)}
 
 
@@ -286,7 +293,10 @@ class Agent:
                 self._idle(IDLE_WAIT_S)
                 continue
             if now < next_frame:
-                self._idle(min(next_frame - now, IDLE_WAIT_S))
+                if self.source.live and self.source.up:
+                    self.source.skip()  # keep draining the camera so the next inspected frame is current
+                else:
+                    self._idle(min(next_frame - now, IDLE_WAIT_S))
                 continue
             frame = self.source.read()
             if frame is None:
@@ -348,7 +358,12 @@ class Agent:
         msg = verdict_message(self.topics, payload, qos=self.cfg.mqtt.qos)
         # Durable first, then mark the file inspected: a crash in between repeats the frame (same id),
         # the other order could lose it.
-        self.outbox.put(msg.topic, msg.payload, msg.qos, msg.retain)
+        try:
+            self.outbox.put(msg.topic, msg.payload, msg.qos, msg.retain)
+        except sqlite3.Error as exc:
+            logger.error("cannot store verdict %s in the outbox (%s); sending it without the delivery guarantee. "
+                         "Check free space in %s", frame.frame_id, exc, self.cfg.storage_dir)
+            self.link.publish(msg)
         self.source.done(frame)
         self.deliverer.wake()
         self.last_state = payload
@@ -490,9 +505,12 @@ class Agent:
             cam = gradcam.anomaly_cam(record.bundle, record.embedding, record.nearest)
             jpeg = gradcam.overlay_jpeg(record.embedding.rgb, cam, record.bundle,
                                         quality=self.cfg.gradcam.jpeg_quality)
-        except (ValueError, KeyError) as exc:  # GradCamError is a ValueError: the bundle has no usable head
+        except ValueError as exc:  # GradCamError: the bundle has no usable feature map / head
             logger.warning("Grad-CAM for frame %s failed: %s", record.frame_id, exc)
             return None, str(exc)
+        except Exception as exc:  # a heat map is an extra: it must never stop inspection
+            logger.exception("Grad-CAM for frame %s failed", record.frame_id)
+            return None, f"Grad-CAM failed: {type(exc).__name__}: {exc}"
         self.link.publish(gradcam_message(self.topics, jpeg))
         return jpeg, ""
 

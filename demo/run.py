@@ -231,7 +231,9 @@ def watch(tally: Tally, sub: Subscriber, agent: subprocess.Popen[bytes], out: Pa
             print(f"timed out after {timeout:.0f} s waiting for verdicts", flush=True)
             return
         if agent.poll() is not None and sub.inbox.empty():
-            print(f"yugami-agent exited early with status {agent.returncode}", flush=True)
+            log = (out / "agent.log").read_text(errors="replace").strip().splitlines()[-8:]
+            print(f"yugami-agent exited early with status {agent.returncode}; its log ends:", flush=True)
+            print("\n".join(f"  | {line}" for line in log), flush=True)
             return
         try:
             topic, payload = sub.inbox.get(timeout=0.2)
@@ -337,6 +339,11 @@ def run(opts: Options) -> int:
         print(f"agent: {' '.join(cmd)} (log: {opts.out / 'agent.log'})", flush=True)
         with open(opts.out / "agent.log", "wb") as log:
             agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        print(
+            "verdicts as the subscriber receives them (frame index, frame id, verdict, score against the "
+            "threshold, confidence in the verdict, and what the generator drew):",
+            flush=True,
+        )
         watch(tally, sub, agent, opts.out, opts.timeout)
         agent_rc = stop_process(agent, "yugami-agent")
         drain(tally, sub, opts.out, 3.0)

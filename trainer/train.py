@@ -185,8 +185,8 @@ def train(cfg: TrainConfig) -> Path:
             "--epochs 0 uses ImageNet features as they are; an untrained projection would scramble "
             "them: leave --projection at 0"
         )
+    ds = data.find_dataset(cfg.data_dir)  # before TensorFlow starts, so a wrong path fails at once
     _seed_everything(cfg.seed)
-    ds = data.find_dataset(cfg.data_dir)
     spec = Preprocessing(input_size=cfg.model.input_size, resize=cfg.resize)
     pictures = data.load_prepared(ds.train, spec)
     fit_idx, held_idx = data.split_holdout(len(pictures), cfg.holdout, cfg.seed)

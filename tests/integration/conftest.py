@@ -48,14 +48,14 @@ class Mosquitto:
     """A mosquitto on a free 127.0.0.1 port with on-disk persistence, so it can be stopped and started
     again without losing queued messages of persistent sessions."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, listener_lines: list[str] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *(listener_lines or ["allow_anonymous true"]),
             "persistence true",
             f"persistence_location {workdir}/",
             "max_queued_messages 10000",
@@ -113,7 +113,8 @@ class Recorder:
     ``persistent=True`` uses a fixed client id and a persistent session, so the broker queues QoS 1
     messages for it while it is away (including across a broker restart)."""
 
-    def __init__(self, port: int, topics: list[str], persistent: bool = False, name: str = "recorder") -> None:
+    def __init__(self, port: int, topics: list[str], persistent: bool = False, name: str = "recorder",
+                 ca_file: Path | None = None, auth: tuple[str, str] | None = None) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -125,6 +126,10 @@ class Recorder:
             CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}", clean_session=not persistent
         )
         self.client.reconnect_delay_set(1, 1)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self._on_message

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import socket
+import sqlite3
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +37,14 @@ def white() -> np.ndarray:
     return np.full((96, 96, 3), 255, np.uint8)
 
 
+def outbox_rows(state: Path) -> int:
+    db = state / "outbox.sqlite3"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(str(db), timeout=5) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
 def manifest_sha(bundle: Path) -> str:
     return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
 
@@ -47,7 +57,7 @@ def test_folder_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, 
     rec = Recorder(mosquitto.port, [f"{BASE}/#", "homeassistant/#"])
     metrics_port = free_port()
     cfg = base_config(tmp_path, tiny_bundle, mosquitto.port, str(folder),
-                      metrics={"enabled": True, "port": metrics_port})
+                      metrics={"enabled": True, "port": metrics_port}, gradcam={"policy": "every_anomaly"})
     agent = agents(cfg)
     try:
         wait_until(lambda: len(rec.on(f"{BASE}/verdict")) >= 3, 60, "3 verdicts")
@@ -71,7 +81,12 @@ def test_folder_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, 
         stats = rec.wait_json(f"{BASE}/stats", lambda s: s["frames"] == 4 and s["errors"] == 1, what="stats")
         for key in ("fps", "anomalies", "latency_ms", "model", "uptime_s", "reconnects", "outbox"):
             assert key in stats
-        assert stats["anomalies"] == 1 and stats["latency_ms"]["p50"] is not None
+        anomalies = [v["id"] for v in verdicts if v["verdict"] == "anomaly"]
+        assert stats["anomalies"] == len(anomalies) and stats["latency_ms"]["p50"] is not None
+        # gradcam.policy every_anomaly: one overlay JPEG per anomalous frame.
+        jpegs = wait_until(lambda: len(rec.on(f"{BASE}/gradcam")) >= len(anomalies) and rec.on(f"{BASE}/gradcam"),
+                           10, "a Grad-CAM JPEG per anomaly")
+        assert len(jpegs) == len(anomalies) and all(j[:2] == b"\xff\xd8" for j in jpegs)
         assert rec.json_on(f"{BASE}/state")[-1]["id"] == verdicts[-1]["id"]
 
         # Home Assistant discovery: retained, and announced again when Home Assistant comes online.
@@ -95,9 +110,9 @@ def test_folder_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, 
         rc = agent.terminate()
     assert rc == 0, agent.logs()
     wait_until(lambda: rec.on(f"{BASE}/available")[-1:] == [b"offline"], 10, "'offline' after a clean stop")
-    # Evidence: the anomalous frame with its verdict JSON.
-    saved = sorted((tmp_path / "state" / "evidence").glob("*/*.json"))
-    assert [json.loads(p.read_text())["id"] for p in saved] == [verdicts[2]["id"]]
+    # Evidence: each anomalous frame (the white one at least) with its verdict JSON.
+    saved = {json.loads(p.read_text())["id"] for p in (tmp_path / "state" / "evidence").glob("*/*.json")}
+    assert saved == set(anomalies) and verdicts[2]["id"] in saved
     rec.close()
 
 
@@ -137,6 +152,7 @@ def test_commands_and_bad_commands(tmp_path: Path, tiny_bundle: Path, mosquitto,
     rec.publish(f"{BASE}/cmd/trigger", json.dumps({"id": "t1"}))
     t1 = result("trigger", "t1")
     assert t1["ok"] is True and t1["verdict"] in ("ok", "anomaly")
+    wait_until(lambda: rec.on(f"{BASE}/verdict"), 10, "the verdict of the triggered frame")
     assert [v["id"] for v in rec.json_on(f"{BASE}/verdict")] == [t1["frame_id"]]
 
     # gradcam for a frame id: the JPEG on the gradcam topic, the frame id in the result.
@@ -202,10 +218,8 @@ def test_notify_socket_gets_ready_watchdog_stopping(tmp_path: Path, tiny_bundle:
         sock.settimeout(0.5)
 
         def got(line: str) -> bool:
-            try:
+            with contextlib.suppress(TimeoutError):  # nothing this half second: poll again
                 received.extend(sock.recv(4096).decode().splitlines())
-            except TimeoutError:
-                pass
             return line in received
 
         env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
@@ -217,6 +231,24 @@ def test_notify_socket_gets_ready_watchdog_stopping(tmp_path: Path, tiny_bundle:
         assert agent.proc.wait(30) == 0, agent.logs()
     assert received.index("READY=1") < received.index("STOPPING=1")
     assert any(line.startswith("STATUS=") for line in received)
+
+
+def test_ready_after_the_timeout_when_the_broker_is_unreachable(tmp_path: Path, tiny_bundle: Path, agents) -> None:
+    folder = tmp_path / "in"
+    write_images(folder, plain_part_images(2, seed=6))
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(60)
+        cfg = base_config(tmp_path, tiny_bundle, free_port(), str(folder), service={"ready_timeout_s": 1})
+        agent = agents(cfg, env={"NOTIFY_SOCKET": str(sock_path)})
+        lines: list[str] = []
+        while "READY=1" not in lines:
+            lines = sock.recv(4096).decode().splitlines()
+        assert any(line.startswith("STATUS=degraded") and "broker" in line for line in lines), lines
+        # Inspection went on without the broker: the verdicts wait in the outbox.
+        wait_until(lambda: outbox_rows(tmp_path / "state") == 2, 30, "2 verdicts waiting in the outbox")
+        assert agent.terminate() == 0, agent.logs()
 
 
 def test_video_file_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, agents) -> None:
@@ -249,3 +281,61 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 78
     assert "mqtt.port" in proc.stderr
+
+
+def make_tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl command."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    folder.mkdir()
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=yugami test CA")
+    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    san = folder / "san.cnf"
+    san.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(san))
+    return ca, cert, key
+
+
+def test_tls_and_password_from_systemd_credentials(tmp_path: Path, tiny_bundle: Path, agents) -> None:
+    import shutil
+    import subprocess
+
+    from tests.integration.conftest import MOSQUITTO, Mosquitto
+
+    if not Path(MOSQUITTO).exists() or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto / mosquitto_passwd are not installed")
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "agent", "s3cret-pw"], check=True, timeout=30)
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    broker = Mosquitto(broker_dir, [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+                                    "allow_anonymous false", f"password_file {passwd}"])
+    broker.start()
+    try:
+        creds = tmp_path / "credentials"
+        creds.mkdir()
+        (creds / "mqtt-password").write_text("s3cret-pw\n")
+        folder = tmp_path / "in"
+        write_images(folder, plain_part_images(2, seed=7))
+        rec = Recorder(broker.port, [f"{BASE}/verdict"], ca_file=ca, auth=("agent", "s3cret-pw"))
+        cfg = base_config(tmp_path, tiny_bundle, broker.port, str(folder),
+                          mqtt={"username": "agent", "password_file": "${CREDENTIALS_DIRECTORY}/mqtt-password",
+                                "tls": {"enabled": True, "ca_file": str(ca)}})
+        agent = agents(cfg, env={"CREDENTIALS_DIRECTORY": str(creds)})
+        wait_until(lambda: len(rec.on(f"{BASE}/verdict")) >= 2, 60, "2 verdicts over TLS with a password")
+        assert agent.terminate() == 0, agent.logs()
+        rec.close()
+    finally:
+        broker.stop()

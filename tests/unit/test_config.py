@@ -159,3 +159,19 @@ def test_check_config_exit_codes(tmp_path: Path, tiny_bundle: Path, capsys: pyte
     assert main(["--config", str(worse), "--check-config"]) == 78
     assert "bundle" in capsys.readouterr().err
     assert Agent(load_config(worse)).run() == 78
+
+
+def test_docs_describe_every_key() -> None:
+    text = (ROOT / "docs" / "AGENT.md").read_text()
+    missing = [path for path, default, _ in field_docs() if default and f"`{path}`" not in text]
+    assert not missing, f"docs/AGENT.md lacks {missing}"
+
+
+def test_capture_roi_replaces_the_bundles_roi(tmp_path: Path, tiny_bundle: Path) -> None:
+    from agent.service import load_agent_bundle
+
+    data = minimal(tmp_path, bundle=str(tiny_bundle), threads=1, storage={"dir": str(tmp_path / "st")})
+    assert load_agent_bundle(parse_config(data)).preprocessing.roi is None
+    data["capture"]["roi"] = [4, 8, 60, 70]
+    bundle = load_agent_bundle(parse_config(data))
+    assert bundle.preprocessing.roi == (4, 8, 60, 70) and bundle.preprocessing.input_size == (64, 64)

@@ -14,7 +14,9 @@ from demo.synthetic import (
     DEFECT_KINDS,
     defective_part,
     main,
+    mjpg_roundtrip,
     normal_part,
+    read_video,
     render_part,
     sidecar_path,
     video_schedule,
@@ -90,19 +92,23 @@ def test_video_reads_back_with_the_right_frames_and_sidecar(tmp_path: Path) -> N
     meta = json.loads(side.read_text())
     assert meta["frames"] == 12
     assert meta["defects"] == [None, None, None, "scratch", None, None, None, "dent", None, None, None, "missing"]
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
+    frames = read_video(path)
     assert len(frames) == 12
     assert frames[0].shape == (96, 96, 3)
     # MJPG is lossy, but each frame is still the part that was drawn.
     expected = render_part(np.random.default_rng([1, 100, 3]), 96, "scratch").image
     assert np.abs(frames[3].astype(int) - expected.astype(int)).mean() < 6
+
+
+def test_mjpg_dataset_pictures_are_the_frames_the_agent_decodes(tmp_path: Path) -> None:
+    """Training pictures made with image_format='mjpg' match video frames bit for bit (same encoder, decoder)."""
+    write_video(tmp_path / "v.avi", n_frames=3, anomaly_every=0, size=96, seed=2)
+    drawn = [render_part(np.random.default_rng([2, 100, i]), 96).image for i in range(3)]
+    decoded = read_video(tmp_path / "v.avi")
+    assert all(np.array_equal(a, b) for a, b in zip(mjpg_roundtrip(drawn), decoded, strict=True))
+    assert not np.array_equal(drawn[0], decoded[0])  # the codec did change the picture
+    write_dataset(tmp_path / "ds", n_train=2, n_test_good=0, n_test_defect=0, size=96, image_format="mjpg")
+    assert [p.name for p in list_images(tmp_path / "ds/train/good")] == ["000.png", "001.png"]
 
 
 def test_schedule_without_anomalies() -> None:
