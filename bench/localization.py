@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle import Bundle, load_bundle
-from agent.gradcam import anomaly_cam, blend, cam_scale, grid_image, overlay_image, upsample
+from agent.gradcam import anomaly_cam, blend, cam_scale, grid_image, legend, upsample
 from agent.preprocess import list_images, load_image, to_rgb
 from agent.scoring import Scorer
 from bench._common import RESULTS, SHARED, machine, md_table
@@ -187,7 +187,7 @@ def write_picture(cases: list[Case], bundle: Bundle, out: Path, per_type: int = 
         labels += lab
     grid = grid_image(tiles, labels, columns=6, tile_size=180)
     # One colour bar for the whole grid: every heat tile uses the same bundle scale.
-    bar = overlay_image(np.full((1, grid.shape[1], 3), 255, np.uint8), np.zeros((1, 1), np.float32), bundle)[1:]
+    bar = legend(grid.shape[1], cam_scale(bundle), bundle.threshold)
     out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), cv2.cvtColor(np.vstack([grid, bar]), cv2.COLOR_RGB2BGR))
     return out

@@ -19,6 +19,7 @@ from agent.bundle import Bundle, load_bundle
 from agent.preprocess import load_image
 from agent.scoring import Scorer
 from trainer.data import GOOD, DataError, find_dataset
+from trainer.plots_gradcam import write_gradcam_grid
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def evaluate(
     }
     if plots_dir is not None:
         result["plots"] = [str(p) for p in write_plots(plots_dir, scored.types, scores, threshold, bundle.name)]
+        if bundle.feature_map_output is not None:  # heat maps need the contract's feature_map output
+            result["plots"].append(str(write_gradcam_grid(bundle, ds.test, plots_dir / "gradcam_grid.jpg")))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")

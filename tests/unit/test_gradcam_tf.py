@@ -74,12 +74,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def tape_cam(model, x: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """Textbook Grad-CAM with GradientTape for S = e . direction on the Keras model's own layers."""
+    import keras
     import tensorflow as tf
 
+    # By type, not by name: Keras numbers a second model's layer names in the same process.
+    pool = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
     fmap = model(x[None])[1]
     with tf.GradientTape() as tape:
         tape.watch(fmap)
-        pooled = model.get_layer("global_average_pooling2d")(fmap)
+        pooled = pool(fmap)
         emb = model.get_layer("embedding")(model.get_layer("projection")(pooled))
         s = tf.reduce_sum(emb * direction.astype(np.float32))
     grads = tape.gradient(s, fmap)[0].numpy()
