@@ -34,7 +34,7 @@ MAX_BUNDLE_BYTES = 4 * 1024 * 1024  # the issue's limit for a bundle committed t
 
 # The settings the committed bundle was made with; docs/DEMO.md repeats them.
 TRAIN_ARGS = {
-    "--input-size": "160",
+    "--input-size": "224",
     "--alpha": "1.0",
     "--epochs": "10",
     "--projection": "128",

@@ -12,8 +12,21 @@ def test_losses_match_the_heads():
 
 def test_train_help_teaches_the_options():
     text = build_train_parser().format_help()
-    for option in ("--loss", "--classes", "--epochs", "--input-size", "--alpha", "--weights", "--seed",
-                   "--batch-size", "--lr", "--fine-tune-layers", "--bank-size", "--far", "zero-training"):
+    for option in (
+        "--loss",
+        "--classes",
+        "--epochs",
+        "--input-size",
+        "--alpha",
+        "--weights",
+        "--seed",
+        "--batch-size",
+        "--lr",
+        "--fine-tune-layers",
+        "--bank-size",
+        "--far",
+        "zero-training",
+    ):
         assert option in text
     assert "--scorer" in build_eval_parser().format_help()
 
