@@ -197,18 +197,22 @@ def blend(rgb: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def legend(width: int, scale: float, threshold: float) -> np.ndarray:
-    """A colour bar with the cam values at its ends and the bundle's threshold named."""
+def legend(width: int, scale: float, threshold: float, cells: int = 0) -> np.ndarray:
+    """A colour bar: 0 at the left, the anchored top at the right, the bundle's threshold named."""
     bar = np.full((LEGEND_HEIGHT, width, 3), 255, np.uint8)
     bar[:8] = colorize(np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :].repeat(8, axis=0))
     font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.3
     cv2.putText(bar, "0", (1, LEGEND_HEIGHT - 2), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
-    top = f"{scale:.3g}"
+    # The top of the bar in words a person can read: how many times its even share of the threshold a cell
+    # carries (the default scale is TOP_SHARES shares), with the raw value for whoever compares bundles.
+    share = scale * cells / threshold if threshold > 0 and cells > 0 else float("nan")
+    top = f">={share:.0f}x thr/cell" if np.isfinite(share) else f"{scale:.3g}"
     (tw, _), _ = cv2.getTextSize(top, font, fs, 1)
     cv2.putText(bar, top, (max(width - tw - 1, 0), LEGEND_HEIGHT - 2), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
-    label = f"cam (score units), thr {threshold:.3g}"
+    label = f"thr {threshold:.3g}"
     (lw, _), _ = cv2.getTextSize(label, font, fs, 1)
-    cv2.putText(bar, label, (max((width - lw) // 2, 12), LEGEND_HEIGHT - 2), font, fs, (60, 60, 60), 1, cv2.LINE_AA)
+    if lw + 24 < width - tw:
+        cv2.putText(bar, label, (12, LEGEND_HEIGHT - 2), font, fs, (60, 60, 60), 1, cv2.LINE_AA)
     bar.flags.writeable = False  # cached and shared between calls
     return bar
 
@@ -228,7 +232,8 @@ def overlay_image(
     picture = blend(rgb, level)
     if not with_legend:
         return picture
-    return np.vstack([picture, legend(rgb.shape[1], top, bundle.threshold)])
+    cells = int(np.prod(cam.shape[:2]))
+    return np.vstack([picture, legend(rgb.shape[1], top, bundle.threshold, cells)])
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:

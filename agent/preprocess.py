@@ -7,7 +7,7 @@ so a bundle's model always sees frames prepared exactly as the camera box prepar
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class Preprocessing:
         )
 
     def with_roi(self, roi: tuple[int, int, int, int] | None) -> Preprocessing:
-        return Preprocessing(self.input_size, self.channels, self.color_order, self.resize, roi, self.scale, self.offset)
+        return replace(self, roi=roi)
 
 
 def load_image(path: str | Path) -> np.ndarray:

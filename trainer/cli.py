@@ -138,6 +138,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     misc = p.add_argument_group("output")
     misc.add_argument("--name", default="yugami-mobilenetv2", help="model name in the manifest")
     misc.add_argument("--version", default="1", help="model version in the manifest")
+    misc.add_argument(
+        "--save-float",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the float32 TFLite of the same embedder (for yugami-eval --float-model)",
+    )
     misc.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return p
 
@@ -199,7 +206,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         cfg = _train_config(args)
         from trainer.train import train
 
-        out = train(cfg)
+        out = train(cfg, save_float=args.save_float)
     except (DataError, ModelError, ValueError) as exc:
         print(f"yugami-train: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -232,6 +239,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
         default="cosine",
         help="cosine: what the device does (default); lof: Local Outlier Factor on the bank",
     )
+    p.add_argument(
+        "--float-model",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="float32 TFLite of the same embedder (yugami-train --save-float): also score with it in place of "
+        "the int8 model (same bank and threshold) and report its figures under 'float'",
+    )
     p.add_argument("--threads", type=int, default=None, help="TFLite interpreter threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -254,6 +269,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             plots_dir=args.plots,
             num_threads=args.threads,
             progress=not args.quiet,
+            float_model=args.float_model,
         )
     except (BundleError, DataError, ImageError) as exc:
         print(f"yugami-eval: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ scikit-learn's Local Outlier Factor fitted on the bank (evaluation only, the dev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import Bundle, load_bundle
+from agent.bundle import Bundle, BundleError, load_bundle
 from agent.preprocess import load_image
+from agent.runtime import TFLiteModel
 from agent.scoring import Scorer
 from trainer.data import GOOD, DataError, find_dataset
 from trainer.plots_gradcam import write_gradcam_grid
@@ -47,6 +49,31 @@ def embed_and_score(bundle: Bundle, test: dict[str, list[Path]], progress: bool 
         embs.append(emb.vector)
         names.append(f"{t}/{p.name}")
     return Scored(types, np.asarray(scores), np.stack(embs), names)
+
+
+def with_float_model(bundle: Bundle, model_path: Path, num_threads: int | None = None) -> Bundle:
+    """The bundle with its int8 model replaced by a float TFLite of the same embedder; bank,
+    threshold and preprocessing stay the bundle's, so the two read the same way through the Scorer."""
+    from trainer.export import output_roles
+
+    try:
+        model = TFLiteModel(model_path, num_threads=num_threads)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise BundleError(f"--float-model {model_path}: the TFLite runtime cannot load it ({exc})") from exc
+    if model.input.shape != bundle.model.input.shape:
+        raise BundleError(
+            f"--float-model {model_path}: input {model.input.shape} differs from the bundle's "
+            f"{bundle.model.input.shape}; give the file yugami-train --save-float wrote with this bundle"
+        )
+    roles = output_roles(model)
+    if roles["embedding"].shape[-1] != bundle.embedding_dim:
+        raise BundleError(
+            f"--float-model {model_path}: embedding dimension {roles['embedding'].shape[-1]} differs from the "
+            f"bundle's {bundle.embedding_dim}"
+        )
+    return dataclasses.replace(
+        bundle, model=model, embedding_output=roles["embedding"], feature_map_output=roles.get("feature_map")
+    )
 
 
 def lof_scores(bank: np.ndarray, embeddings: np.ndarray, neighbours: int = 20) -> tuple[np.ndarray, float]:
@@ -120,6 +147,12 @@ def write_plots(out_dir: Path, types: list[str], scores: np.ndarray, threshold: 
     return paths
 
 
+def _scores(bundle: Bundle, scored: Scored, scorer: str) -> tuple[np.ndarray, float]:
+    if scorer == "lof":
+        return lof_scores(bundle.bank, scored.embeddings)
+    return scored.scores, bundle.threshold
+
+
 def evaluate(
     bundle_path: str | Path,
     data_dir: str | Path,
@@ -128,17 +161,19 @@ def evaluate(
     plots_dir: Path | None = None,
     num_threads: int | None = None,
     progress: bool = False,
+    float_model: Path | None = None,
 ) -> dict[str, Any]:
+    """Figures of the bundle's int8 model; with ``float_model`` also those of the float TFLite
+    (same bank and threshold) under ``result["float"]``."""
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; use one of {SCORERS}")
     bundle = load_bundle(bundle_path, num_threads=num_threads)
     ds = find_dataset(data_dir)
     if GOOD not in ds.test or not ds.defect_types:
         raise DataError(f"{data_dir}: evaluation needs test/good/ and at least one test/<defect type>/ folder")
+    float_bundle = with_float_model(bundle, float_model, num_threads) if float_model is not None else None
     scored = embed_and_score(bundle, ds.test, progress=progress)
-    scores, threshold = scored.scores, bundle.threshold
-    if scorer == "lof":
-        scores, threshold = lof_scores(bundle.bank, scored.embeddings)
+    scores, threshold = _scores(bundle, scored, scorer)
     result = {
         "bundle": str(bundle_path),
         "data": str(data_dir),
@@ -147,6 +182,11 @@ def evaluate(
         **metrics(scored.types, scores, threshold),
         "manifest_sha256": bundle.manifest_sha256,
     }
+    if float_bundle is not None:
+        f_scored = embed_and_score(float_bundle, ds.test, progress=progress)
+        f_scores, f_threshold = _scores(float_bundle, f_scored, scorer)
+        # The threshold was calibrated on int8 scores: the float rates at it are indicative only.
+        result["float"] = {"model": str(float_model), **metrics(f_scored.types, f_scores, f_threshold)}
     if plots_dir is not None:
         result["plots"] = [str(p) for p in write_plots(plots_dir, scored.types, scores, threshold, bundle.name)]
         if bundle.feature_map_output is not None:  # heat maps need the contract's feature_map output

@@ -27,7 +27,14 @@ from agent.bundle import write_bundle
 from agent.preprocess import Preprocessing
 from agent.scoring import cosine_scores
 from trainer import anomalies, bank, calibrate, data, localize
-from trainer.export import check_int8, export_int8, int8_agreement, tflite_embeddings, tflite_manifest
+from trainer.export import (
+    check_int8,
+    export_float,
+    export_int8,
+    int8_agreement,
+    tflite_embeddings,
+    tflite_manifest,
+)
 from trainer.model import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -180,8 +187,11 @@ def _float_embeddings(embedder: Any, inputs: np.ndarray, batch: int = 32) -> np.
     return np.asarray(emb, np.float32)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run the whole pipeline and write the bundle to ``cfg.out``; returns its path."""
+def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
+    """Run the whole pipeline and write the bundle to ``cfg.out``; returns its path.
+
+    ``save_float``: also write the float32 TFLite of the same embedder there, so ``yugami-eval
+    --float-model`` can tell what int8 costs from what the features themselves are worth."""
     t0 = time.perf_counter()
     if cfg.epochs == 0 and cfg.model.projection > 0:
         raise ValueError(
@@ -204,6 +214,11 @@ def train(cfg: TrainConfig) -> Path:
     held_x = data.to_model_input(held, spec)
     agreement = int8_agreement(_float_embeddings(embedder, held_x), tflite_embeddings(model_bytes, held_x))
     logger.info("int8 vs float: mean cosine %.4f (min %.4f)", agreement["mean_cosine"], agreement["min_cosine"])
+    if save_float is not None:
+        # Written before the int8 gate, so a refused export can still be measured in float.
+        save_float.parent.mkdir(parents=True, exist_ok=True)
+        save_float.write_bytes(export_float(embedder))
+        logger.info("float TFLite written to %s", save_float)
     check_int8(agreement, cfg.min_int8_cosine)
 
     fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec))

@@ -259,7 +259,8 @@ def test_http_mjpeg_stream_reads_frames_and_a_hang_up_is_a_failure() -> None:
         assert src.status.state == "up"
         assert all(f is not None and f.image is not None and f.image.shape == (96, 96, 3) for f in frames)
         assert frames[0] is not None and frames[0].source == server.url
-        for _ in range(5):  # the server hangs up after 4 frames (3 read, 1 skipped): the source goes down, to be reopened
+        # the server hangs up after 4 frames (3 read, 1 skipped): the source goes down, to be reopened
+        for _ in range(5):
             if src.read() is None:
                 break
         assert src.status.state == "down" and "stopped giving frames" in (src.status.error or "")
