@@ -138,11 +138,13 @@ def prepare_rgb(frame: np.ndarray, spec: Preprocessing, name: str = "frame") -> 
     """ROI, RGB and resize: the uint8 picture the model sees (also what Grad-CAM is drawn over)."""
     if frame is None or not isinstance(frame, np.ndarray) or frame.size == 0:
         raise ImageError(f"{name}: empty frame")
-    rgb = to_rgb(crop_roi(frame, spec.roi, name), name)
+    # Resize before the colour conversion: both act on each channel alone, so the order does not change
+    # a pixel, and a 640x480 frame is converted after it has shrunk (and a grey one resized on one channel).
+    small = to_uint8(crop_roi(frame, spec.roi, name), name)
     h, w = spec.input_size
-    if rgb.shape[:2] != (h, w):
-        rgb = cv2.resize(rgb, (w, h), interpolation=_RESIZE_METHODS[spec.resize])
-    return rgb
+    if small.shape[:2] != (h, w):
+        small = cv2.resize(small, (w, h), interpolation=_RESIZE_METHODS[spec.resize])
+    return to_rgb(small, name)
 
 
 def scale_to_float(rgb: np.ndarray, spec: Preprocessing) -> np.ndarray:

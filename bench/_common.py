@@ -26,7 +26,8 @@ def real_frames(n: int, size: tuple[int, int] = (640, 480)) -> list[np.ndarray]:
     if not paths:
         raise SystemExit(f"no screw images under {SHARED}/data/mvtec_screw; set YUGAMI_SHARED")
     frames = []
-    for p in paths[:n]:
+    # At most 40 distinct pictures, repeated: holding hundreds of 640x480 frames would swell the RSS we report.
+    for p in paths[: min(n, 40)]:
         grey = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
         frames.append(cv2.cvtColor(cv2.resize(grey, size, interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR))
     while len(frames) < n:

@@ -245,7 +245,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="float32 TFLite of the same embedder (yugami-train --save-float): also score with it in place of "
-        "the int8 model (same bank and threshold) and report its figures under 'float'",
+        "the int8 model and report its figures under 'float'. Its bank and threshold are rebuilt from "
+        "DATA_DIR's train/good with the bundle's hold-out split, as the trainer built the int8 ones",
     )
     p.add_argument("--threads", type=int, default=None, help="TFLite interpreter threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -56,6 +56,8 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
             "16",
             "--seed",
             "3",
+            "--save-float",
+            str(tmp_path / "float.tflite"),
             "--quiet",
         ]
     )
@@ -90,8 +92,10 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
     report = tmp_path / "eval.json"
     plots = tmp_path / "plots"
     capsys.readouterr()
-    assert eval_main([str(out), str(parts), "--json", str(report), "--plots", str(plots), "--quiet"]) == 0
+    float_args = ["--float-model", str(tmp_path / "float.tflite")]
+    assert eval_main([str(out), str(parts), "--json", str(report), "--plots", str(plots), *float_args, "--quiet"]) == 0
     result = json.loads(report.read_text())
+    assert result["float"]["image_auroc"] >= 0.8 and result["float"]["n_defect"] == 10
     assert result["n_good"] == 10 and result["n_defect"] == 10
     assert set(result["per_defect_auroc"]) == {"scratch"}
     assert result["image_auroc"] >= 0.8

@@ -128,3 +128,16 @@ def test_score_cli_refuses_a_bad_bundle(tmp_path: Path) -> None:
         [sys.executable, "-m", "agent.cli", str(tmp_path), "x.png"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "manifest.json: missing file" in proc.stderr
+
+
+def test_lookup_table_input_equals_the_float_path(tiny_bundle: Path) -> None:
+    """The scorer's uint8 -> int8 table must feed the model exactly what quantising the float input does."""
+    from agent.preprocess import prepare_rgb, scale_to_float
+    from agent.runtime import quantize
+    from agent.scoring import input_lut
+
+    b = load_bundle(tiny_bundle)
+    lut = input_lut(b)
+    assert lut is not None and lut.dtype == np.int8
+    rgb = prepare_rgb(plain_part_images(1, seed=4)[0], b.preprocessing)
+    assert np.array_equal(lut[rgb], quantize(scale_to_float(rgb, b.preprocessing), b.model.input))

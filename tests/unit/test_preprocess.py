@@ -62,3 +62,12 @@ def test_invalid_recipes_are_refused() -> None:
         Preprocessing(resize="lanczos9")
     with pytest.raises(ValueError, match="too small"):
         Preprocessing(input_size=(16, 16))
+
+
+def test_resizing_before_the_colour_conversion_changes_no_pixel() -> None:
+    rng = np.random.default_rng(0)
+    spec = Preprocessing(input_size=(64, 48))
+    for frame in (rng.integers(0, 256, (123, 97, 3), dtype=np.uint8), rng.integers(0, 256, (123, 97), dtype=np.uint8)):
+        convert_first = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB if frame.ndim == 3 else cv2.COLOR_GRAY2RGB)
+        expected = cv2.resize(convert_first, (48, 64), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(prepare_rgb(frame, spec), expected)

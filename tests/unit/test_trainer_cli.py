@@ -24,11 +24,13 @@ def test_train_help_teaches_the_options():
         "--lr",
         "--fine-tune-layers",
         "--bank-size",
+        "--save-float",
         "--far",
         "zero-training",
     ):
         assert option in text
     assert "--scorer" in build_eval_parser().format_help()
+    assert "--float-model" in build_eval_parser().format_help()
 
 
 def test_train_refuses_a_missing_folder(tmp_path, capsys):
