@@ -4,7 +4,7 @@ agreement with the float model, and what fixes it.  Small CPU experiments (150 r
 
     .venv/bin/python bench/int8_study.py cache                     # prepared pictures -> /tmp/int8_study
     .venv/bin/python bench/int8_study.py depth tile                # per-depth float vs int8 cosine
-    .venv/bin/python bench/int8_study.py variant tile baseline     # one export variant, cosine + speed
+    .venv/bin/python bench/int8_study.py variant baseline tile     # one export variant, cosine + speed
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def cmd_depth(name: str, rep_kind: str) -> dict[str, Any]:
     q_outs, _ = tflite_outputs(q, held)
     q_dim = by_dim(q_outs)
     rows = {}
-    for layer, f in zip(DEPTHS, float_outs):
+    for layer, f in zip(DEPTHS, float_outs, strict=True):
         i = q_dim[f.shape[1]]
         centre = f.mean(axis=0)
         rows[layer] = {
@@ -140,15 +140,67 @@ def cmd_depth(name: str, rep_kind: str) -> dict[str, Any]:
             "centred_cos": float(cosines(f, i, centre).mean()),
             "rel_err": float(np.linalg.norm(f - i) / np.linalg.norm(f)),
         }
-        print(f"{layer:22s} cos {rows[layer]['cos']:.4f} centred {rows[layer]['centred_cos']:.4f} "
-              f"rel_err {rows[layer]['rel_err']:.4f}", flush=True)
+        print(
+            f"{layer:22s} cos {rows[layer]['cos']:.4f} centred {rows[layer]['centred_cos']:.4f} "
+            f"rel_err {rows[layer]['rel_err']:.4f}",
+            flush=True,
+        )
     print(f"conversion {t_conv:.0f} s")
     return rows
 
 
+def embedder() -> Any:
+    from trainer.model import ModelConfig, build_embedder
+
+    model, _ = build_embedder(ModelConfig(input_size=(SIZE, SIZE), weights=str(WEIGHTS)))
+    return model
+
+
+VARIANTS = {
+    # name: (export_int8 keyword arguments, representative set)
+    "baseline": ({"bias_correction": False}, "rep"),
+    "baseline_lines": ({"bias_correction": False}, "rep_line"),
+    "biascorr": ({"bias_correction": True}, "rep"),
+    "biascorr_lines": ({"bias_correction": True}, "rep_line"),
+}
+
+
+def cmd_variant(name: str, variant: str) -> dict[str, Any]:
+    """Export the real embedder (outputs [embedding, feature_map]) one way; cosine on held-out
+    normals and the median single-thread invoke time."""
+    from trainer.export import export_int8
+
+    kwargs, rep_kind = VARIANTS[variant]
+    d = cache(name)
+    model = embedder()
+    held = to_float(d["held"])
+    f_emb = np.asarray(model.predict(held, batch_size=25, verbose=0)[0])
+    t = time.perf_counter()
+    q = export_int8(model, list(to_float(d[rep_kind])), **kwargs)
+    t_export = time.perf_counter() - t
+    outs, ms = tflite_outputs(q, held)
+    q_emb = by_dim([o for o in outs if o.shape[1] == f_emb.shape[1]])[f_emb.shape[1]]
+    cos = cosines(f_emb, q_emb)
+    row = {
+        "data": name,
+        "variant": variant,
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "centred_cosine": float(cosines(f_emb, q_emb, f_emb.mean(axis=0)).mean()),
+        "invoke_ms_1thread": ms,
+        "export_s": t_export,
+        "model_kb": len(q) // 1024,
+    }
+    print(json.dumps(row), flush=True)
+    with (CACHE / "variants.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["cache", "depth"])
+    ap.add_argument("cmd", choices=["cache", "depth", "variant"])
+    ap.add_argument("variant", nargs="?", default="baseline", choices=sorted(VARIANTS))
     ap.add_argument("data", nargs="?", default="tile", choices=sorted(DATA))
     ap.add_argument("--rep", default="rep", choices=["rep", "rep_line"])
     args = ap.parse_args()
@@ -156,6 +208,9 @@ def main() -> None:
         for n in DATA:
             d = cache(n)
             print(n, {k: v.shape for k, v in d.items()})
+        return
+    if args.cmd == "variant":
+        cmd_variant(args.data, args.variant)
         return
     rows = cmd_depth(args.data, args.rep)
     out = CACHE / f"depth_{args.data}_{args.rep}.json"
