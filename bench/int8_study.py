@@ -4,12 +4,15 @@ agreement with the float model, and what fixes it.  Small CPU experiments (150 r
 
     .venv/bin/python bench/int8_study.py cache                     # prepared pictures -> /tmp/int8_study
     .venv/bin/python bench/int8_study.py depth tile                # per-depth float vs int8 cosine
-    .venv/bin/python bench/int8_study.py variant baseline tile     # one export variant, cosine + speed
+    .venv/bin/python bench/int8_study.py variant tile baseline     # one export variant, cosine + speed
+    .venv/bin/python bench/int8_study.py deny tile                 # int8 with single ops left float
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -118,7 +121,7 @@ def by_dim(outs: list[np.ndarray]) -> dict[int, np.ndarray]:
     return {o.shape[1]: o for o in outs}
 
 
-def cmd_depth(name: str, rep_kind: str) -> dict[str, Any]:
+def cmd_depth(name: str, rep_kind: str, bias_correction: bool) -> dict[str, Any]:
     from trainer.export import export_int8
 
     d = cache(name)
@@ -127,7 +130,7 @@ def cmd_depth(name: str, rep_kind: str) -> dict[str, Any]:
     held = to_float(d["held"])
     float_outs = [np.asarray(o) for o in model.predict(held, batch_size=25, verbose=0)]
     t = time.perf_counter()
-    q = export_int8(model, list(to_float(d[rep_kind])))
+    q = export_int8(model, list(to_float(d[rep_kind])), bias_correction=bias_correction)
     t_conv = time.perf_counter() - t
     q_outs, _ = tflite_outputs(q, held)
     q_dim = by_dim(q_outs)
@@ -197,23 +200,77 @@ def cmd_variant(name: str, variant: str) -> dict[str, Any]:
     return row
 
 
+DENY_GROUPS = [
+    [],
+    ["expanded_conv_depthwise_relu"],
+    ["Conv1_relu"],
+    ["expanded_conv_project", "block_1_", "block_2_"],
+    ["block_1", "block_3", "block_4", "block_5", "block_6", "block_7", "block_8", "block_9"],
+    ["block_16", "StatefulPartitionedCall"],
+]
+
+
+def cmd_deny(name: str) -> None:
+    """Backbone int8 with some ops left in float (QuantizationDebugger denylist; diagnosis only,
+    such a model is not full-integer): which op's quantisation costs the agreement."""
+    import tensorflow as tf
+
+    d = cache(name)
+    base = backbone()
+    rep = list(to_float(d["rep"]))
+    held = to_float(d["held"])
+    want = base.predict(held, batch_size=25, verbose=0).mean(axis=(1, 2))
+
+    def dataset():
+        for x in rep:
+            yield [x[None]]
+
+    names: list[str] = []
+    for keys in DENY_GROUPS:
+        conv = tf.lite.TFLiteConverter.from_keras_model(base)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = dataset
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        deny = [n for n in names if any(k in n.split(";")[0] for k in keys)]
+        opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny) if deny else None
+        dbg = tf.lite.experimental.QuantizationDebugger(
+            converter=conv, debug_dataset=lambda: iter([[held[:1]]]), debug_options=opts
+        )
+        if not names:  # every quantised tensor's name, read from the first (plain) run's dump
+            dbg.run()
+            buf = io.StringIO()
+            dbg.layer_statistics_dump(buf)
+            names = [row["tensor_name"] for row in csv.DictReader(io.StringIO(buf.getvalue()))]
+        outs, _ = tflite_outputs(dbg.get_nondebug_quantized_model(), held)
+        got = outs[0].reshape(len(held), -1, want.shape[1]).mean(axis=1)
+        print(
+            f"float ops {keys or 'none'} ({len(deny)} tensors): cos {cosines(want, got).mean():.4f} "
+            f"centred {cosines(want, got, want.mean(axis=0)).mean():.4f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["cache", "depth", "variant"])
-    ap.add_argument("variant", nargs="?", default="baseline", choices=sorted(VARIANTS))
+    ap.add_argument("cmd", choices=["cache", "depth", "variant", "deny"])
     ap.add_argument("data", nargs="?", default="tile", choices=sorted(DATA))
+    ap.add_argument("variant", nargs="?", default="baseline", choices=sorted(VARIANTS))
     ap.add_argument("--rep", default="rep", choices=["rep", "rep_line"])
+    ap.add_argument("--bias-correction", action="store_true", help="depth: export with bias correction")
     args = ap.parse_args()
     if args.cmd == "cache":
         for n in DATA:
             d = cache(n)
             print(n, {k: v.shape for k, v in d.items()})
         return
+    if args.cmd == "deny":
+        cmd_deny(args.data)
+        return
     if args.cmd == "variant":
         cmd_variant(args.data, args.variant)
         return
-    rows = cmd_depth(args.data, args.rep)
-    out = CACHE / f"depth_{args.data}_{args.rep}.json"
+    rows = cmd_depth(args.data, args.rep, args.bias_correction)
+    out = CACHE / f"depth_{args.data}_{args.rep}{'_bc' if args.bias_correction else ''}.json"
     out.write_text(json.dumps(rows, indent=1))
 
 

@@ -78,6 +78,12 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="passes over train/good, each picture once per class (default 10; 0 = zero-training "
         "baseline: ImageNet features, no fine-tuning)",
     )
+    m.add_argument(
+        "--head-init",
+        choices=("random", "imprint"),
+        default="random",
+        help="class centres before training: random, or imprint = each class's mean embedding (default random)",
+    )
     m.add_argument("--scale", type=float, default=30.0, help="ArcFace s / L2-Softmax alpha (default 30)")
     m.add_argument("--margin", type=float, default=0.3, help="ArcFace margin m in radians (default 0.3)")
     net = p.add_argument_group("network")
@@ -174,6 +180,7 @@ def _train_config(args: argparse.Namespace):
         bank_size=args.bank_size,
         representative=args.representative,
         min_int8_cosine=args.min_int8_cosine,
+        head_init=args.head_init,
         model=ModelConfig(
             input_size=(args.input_size, args.input_size),
             alpha=args.alpha,

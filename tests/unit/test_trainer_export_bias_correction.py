@@ -3,11 +3,12 @@ mean error that int8 kernel rounding adds, and the model handed in is left as it
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 
-from trainer.export import _folded_kernel, _int8_per_channel, bias_corrected
+keras = pytest.importorskip("keras")
+
+from trainer.export import _conv_pairs, _folded_kernel, _int8_per_channel, bias_corrected  # noqa: E402
 
 
 def _conv_bn(depthwise: bool, seed: int = 0) -> keras.Model:
@@ -24,9 +25,7 @@ def _conv_bn(depthwise: bool, seed: int = 0) -> keras.Model:
     model = keras.Model(inp, bn(conv(inp)))
     rng = np.random.default_rng(seed)
     c = bn.gamma.shape[0]
-    bn.set_weights(
-        [rng.uniform(0.5, 20, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.01, 1, c)]
-    )
+    bn.set_weights([rng.uniform(0.5, 20, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.01, 1, c)])
     return model
 
 
@@ -44,7 +43,7 @@ def _with_int8_kernel(model: keras.Model) -> keras.Model:
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_correction_cancels_the_kernel_rounding_offset_on_flat_pictures(depthwise: bool) -> None:
     model = _conv_bn(depthwise)
-    flat = np.ones((4, 9, 9, 4), np.float32) * np.linspace(0.5, 3.0, 4, dtype=np.float32)[:, None, None, None]
+    flat = np.ones((4, 9, 9, 4), np.float32) * np.linspace(1.6, 1.9, 4, dtype=np.float32)[:, None, None, None]
     want = model.predict(flat, verbose=0)
 
     corrected = bias_corrected(model, flat)
@@ -54,9 +53,9 @@ def test_correction_cancels_the_kernel_rounding_offset_on_flat_pictures(depthwis
     before = np.abs(rounded_plain - want).max()
     after = np.abs(rounded_corrected - want).max()
     assert before > 1e-3  # the rounding offset is real here, so the check below can fail
-    # The offset depends on the input level; one correction for all four levels leaves the
-    # spread around their mean, which must be far smaller than the offset itself.
-    assert after < 0.35 * before
+    # The offset grows with the input level; one correction for levels 1.6-1.9 leaves at most
+    # 0.15 / 1.9 of it (the distance to their mean level).
+    assert after < 0.1 * before
 
 
 def test_correction_is_exact_for_one_flat_level() -> None:
@@ -80,8 +79,6 @@ def test_only_biases_move_and_the_original_is_untouched() -> None:
 
 
 def test_tiny_mobilenet_pairs_every_conv_with_its_batchnorm() -> None:
-    from trainer.export import _conv_pairs
-
     net = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None)
     pairs = _conv_pairs(net)
     convs = [lay for lay in net.layers if isinstance(lay, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
