@@ -47,7 +47,7 @@ DEBUG_PICTURE = "localization.png"
 class TrainConfig:
     data_dir: Path
     out: Path
-    loss: str = "arcface"  # l2softmax | arcface | adacos | adacos-fixed
+    loss: str = "l2softmax"  # l2softmax | arcface | adacos | adacos-fixed (see docs/TRAINING.md)
     classes: int = 2  # 2: normal + line; 3: + distortion
     epochs: int = 10  # 0: zero-training baseline (ImageNet features, no fine-tuning)
     batch_size: int = 32
@@ -60,7 +60,6 @@ class TrainConfig:
     bank_size: int | None = None  # None: as many as fit in bank.npz < 1 MB
     representative: int = 300  # normal pictures calibrating int8 activation ranges (100-500)
     min_int8_cosine: float = 0.98  # refuse the export when int8 and float embeddings agree less than this
-    head_init: str = "random"  # "imprint": class centres = mean embedding of each class before training
     resize: str = "area"
     model: ModelConfig = field(default_factory=ModelConfig)
     anomaly: anomalies.AnomalyConfig = field(default_factory=anomalies.AnomalyConfig)
@@ -107,36 +106,6 @@ def make_batch(
     return data.to_model_input(gen.batch(pictures[idx], masks[idx], labels, rng), spec)
 
 
-HEAD_INITS = ("random", "imprint")
-IMPRINT_PICTURES = 64  # per class: enough for a stable mean, a few seconds of inference
-
-
-def imprint_head(
-    embedder: Any,
-    head: Any,
-    pictures: np.ndarray,
-    masks: np.ndarray,
-    gen: anomalies.AnomalyGenerator,
-    cfg: TrainConfig,
-    spec: Preprocessing,
-) -> None:
-    """Set each class centre to the normalised mean embedding of that class under the untrained
-    backbone. Random centres make the first steps drag every embedding towards arbitrary
-    directions, which rewrites ImageNet features before the head has learnt anything (on screw a
-    barely trained lr 1e-5 run already lost 0.04 float AUROC); imprinted centres start the loss
-    where the classes already are (the "linear probe first" remedy for feature distortion)."""
-    k = cfg.anomaly.classes
-    rng = np.random.default_rng([cfg.seed, 23])
-    pick = rng.permutation(len(pictures))[:IMPRINT_PICTURES]
-    idx, labels = np.repeat(pick, k), np.tile(np.arange(k), pick.size)
-    x = make_batch(pictures, masks, idx, labels, gen, rng, spec)
-    emb = _float_embeddings(embedder, x)
-    centres = np.stack([emb[labels == c].mean(axis=0) for c in range(k)], axis=1)
-    centres /= np.maximum(np.linalg.norm(centres, axis=0, keepdims=True), 1e-12)
-    head.kernel.assign(centres.astype(np.float32))
-    logger.info("head imprinted: cosine between class centres %s", np.round(centres.T @ centres, 3).tolist())
-
-
 def fine_tune(cfg: TrainConfig, pictures: np.ndarray, masks: np.ndarray, spec: Preprocessing):
     """Train embedder + head; returns (embedder, head, history of mean losses per epoch)."""
     import keras
@@ -158,8 +127,6 @@ def fine_tune(cfg: TrainConfig, pictures: np.ndarray, masks: np.ndarray, spec: P
     )
     logger.info("fine-tuning %d backbone weights, head %s, %d classes", n_weights, cfg.loss, cfg.anomaly.classes)
     gen = anomalies.AnomalyGenerator(cfg.anomaly)
-    if cfg.head_init == "imprint":
-        imprint_head(embedder, head, pictures, masks, gen, cfg, spec)
     history: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
         idx, labels = epoch_plan(len(pictures), cfg.anomaly.classes, cfg.seed, epoch)

@@ -76,7 +76,7 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
     assert "proj_kernel" not in bundle.head
     assert m["int8_vs_float"]["mean_cosine"] >= 0.98
     assert m["training"]["data"]["fingerprint_sha256"] == fingerprint(find_dataset(parts).train)
-    assert m["training"]["settings"]["loss"] == "arcface" and m["training"]["settings"]["epochs"] == 1
+    assert m["training"]["settings"]["loss"] == "l2softmax" and m["training"]["settings"]["epochs"] == 1
     assert m["bank"]["count"] == 32 and m["threshold"]["held_out"]["count"] == 8
     assert (out / "localization.png").is_file()
 
