@@ -61,9 +61,9 @@ def run_cell(dataset: str, key: str, train_args: list[str], work: Path) -> dict[
         "status": "ok",
         "train_s": train_s,
         "image_auroc": result["image_auroc"],
-        "float_image_auroc": result.get("float_image_auroc"),
+        "float_image_auroc": (result.get("float") or {}).get("image_auroc"),
         "per_defect_auroc": result.get("per_defect_auroc"),
-        "int8_vs_float": manifest.get("training", {}).get("int8_vs_float") or manifest.get("int8_vs_float"),
+        "int8_vs_float": manifest.get("int8_vs_float"),
         "false_alarm_rate": result.get("false_alarm_rate"),
         "miss_rate": result.get("miss_rate"),
     }
