@@ -8,7 +8,7 @@ Each cell runs ``yugami-train`` then ``yugami-eval --json`` (and, when the train
 ``--float-model`` for the float AUROC beside the int8 one). Results are kept per run in
 bench/results/accuracy/<dataset>/<config>.json, so an interrupted grid resumes where it stopped; runs
 already there are skipped. The zero-training baseline (``--epochs 0``) is run once per dataset.
-Writes bench/results/accuracy.md and bench/results/accuracy_<dataset>.png (box plots over seeds).
+Writes bench/results/accuracy.md and docs/img/accuracy_<dataset>.png (box plots over seeds).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def report() -> None:
                             "train min"], rows), ""]
         png = _boxplot(ds_dir.name, base, groups)
         if png:
-            lines += [f"![box plots over seeds]({png.name})", ""]
+            lines += [f"![box plots over seeds](../../docs/img/{png.name})", ""]
     (RESULTS / "accuracy.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -176,7 +176,7 @@ def _boxplot(dataset: str, base: dict[str, Any] | None, groups: dict[str, list[d
     ax.set_title(f"{dataset}: AUROC over seeds")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out = RESULTS / f"accuracy_{dataset}.png"
+    out = ROOT / "docs" / "img" / f"accuracy_{dataset}.png"  # pictures live in docs/, figures in results/
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
