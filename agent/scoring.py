@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from agent.bundle import Bundle
@@ -98,7 +99,7 @@ class Scorer:
         b = self.bundle
         rgb = prepare_rgb(frame, b.preprocessing, name)
         if self._input_lut is not None:
-            b.model.set_input(self._input_lut[rgb], raw=True)
+            b.model.set_input(cv2.LUT(rgb, self._input_lut), raw=True)  # 5x faster than numpy indexing
         else:
             b.model.set_input(scale_to_float(rgb, b.preprocessing))
         b.model.invoke()

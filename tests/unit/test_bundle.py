@@ -140,4 +140,6 @@ def test_lookup_table_input_equals_the_float_path(tiny_bundle: Path) -> None:
     lut = input_lut(b)
     assert lut is not None and lut.dtype == np.int8
     rgb = prepare_rgb(plain_part_images(1, seed=4)[0], b.preprocessing)
-    assert np.array_equal(lut[rgb], quantize(scale_to_float(rgb, b.preprocessing), b.model.input))
+    expected = quantize(scale_to_float(rgb, b.preprocessing), b.model.input)
+    assert np.array_equal(lut[rgb], expected)
+    assert np.array_equal(cv2.LUT(rgb, lut), expected)  # what the scorer calls
