@@ -40,6 +40,40 @@ class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and what is wrong."""
 
 
+POOLINGS = ("model", "gem")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """Where a frame's embedding comes from (manifest key ``embedding``; absent: ``model``).
+
+    * ``model``: the TFLite model's own rank-2 ``embedding`` output.
+    * ``gem``: generalised mean pooling of the ``feature_map`` output, ``(mean_ij max(A_ij, eps)^p)^(1/p)``
+      per channel, done here in float: the cube and the cube root do not survive int8 arithmetic inside
+      the model, while the int8 feature map itself does (docs/TRAINING.md, "pooling").
+    """
+
+    pooling: str = "model"
+    p: float = 3.0
+
+    @classmethod
+    def from_manifest(cls, d: dict[str, Any] | None) -> EmbeddingSpec:
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError("must be an object like {\"pooling\": \"gem\", \"p\": 3.0}")
+        pooling = str(d.get("pooling", "model"))
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)}")
+        p = float(d.get("p", 3.0))
+        if not 0.5 <= p <= 16.0:
+            raise ValueError(f"p {p} is outside 0.5..16")
+        return cls(pooling=pooling, p=p)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"pooling": self.pooling, "p": self.p}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -50,13 +84,14 @@ class Bundle:
     manifest: dict[str, Any]
     preprocessing: Preprocessing
     model: TFLiteModel
-    embedding_output: TensorInfo
+    embedding_output: TensorInfo | None  # None when the embedding is pooled from the feature map
     feature_map_output: TensorInfo | None
     bank: np.ndarray  # float32 (N, D), rows L2-normalised
     threshold: float
     score_scale: float  # spread of normal scores; sets how fast confidence moves off 0.5
     manifest_sha256: str
     head: dict[str, np.ndarray] = field(default_factory=dict)
+    embedding: EmbeddingSpec = field(default_factory=EmbeddingSpec)
 
     @property
     def name(self) -> str:
@@ -164,7 +199,9 @@ def _find_output(root: Path, model: TFLiteModel, spec: dict[str, Any], role: str
     return info
 
 
-def _check_model(root: Path, manifest: dict[str, Any], model: TFLiteModel, pre: Preprocessing) -> tuple:
+def _check_model(
+    root: Path, manifest: dict[str, Any], model: TFLiteModel, pre: Preprocessing, spec: EmbeddingSpec
+) -> tuple[TensorInfo | None, TensorInfo | None]:
     h, w = pre.input_size
     expected_input = (1, h, w, pre.channels)
     if model.input.shape != expected_input:
@@ -173,16 +210,21 @@ def _check_model(root: Path, manifest: dict[str, Any], model: TFLiteModel, pre: 
             f"model input {model.input.shape} disagrees with the preprocessing input_size {pre.input_size}",
         )
     outputs = manifest["tflite"].get("outputs", {})
-    if "embedding" not in outputs:
-        raise _fail(root / MANIFEST, "tflite.outputs has no 'embedding' entry")
-    emb = _find_output(root, model, outputs["embedding"], "embedding")
-    if emb.shape[-1] != int(manifest["embedding_dim"]):
+    fmap = _find_output(root, model, outputs["feature_map"], "feature_map") if "feature_map" in outputs else None
+    if spec.pooling == "gem":
+        if fmap is None:
+            raise _fail(root / MANIFEST, "embedding.pooling is 'gem' but tflite.outputs has no 'feature_map' entry")
+        source, emb = fmap, None
+    else:
+        if "embedding" not in outputs:
+            raise _fail(root / MANIFEST, "tflite.outputs has no 'embedding' entry")
+        source = emb = _find_output(root, model, outputs["embedding"], "embedding")
+    if source.shape[-1] != int(manifest["embedding_dim"]):
         raise _fail(
             root / MODEL_FILE,
-            f"embedding output has dimension {emb.shape[-1]}, the manifest's embedding_dim is "
-            f"{manifest['embedding_dim']}",
+            f"{'feature map' if emb is None else 'embedding output'} has dimension {source.shape[-1]}, "
+            f"the manifest's embedding_dim is {manifest['embedding_dim']}",
         )
-    fmap = _find_output(root, model, outputs["feature_map"], "feature_map") if "feature_map" in outputs else None
     return emb, fmap
 
 
@@ -195,13 +237,17 @@ def load_bundle(path: str | Path, num_threads: int | None = None) -> Bundle:
         pre = Preprocessing.from_manifest(manifest["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:
         raise _fail(root / MANIFEST, f"bad 'preprocessing' entry: {exc}") from exc
+    try:
+        spec = EmbeddingSpec.from_manifest(manifest.get("embedding"))
+    except (TypeError, ValueError) as exc:
+        raise _fail(root / MANIFEST, f"bad 'embedding' entry: {exc}") from exc
     bank = _check_bank(root, manifest, _load_npz(root, BANK_FILE, contents[BANK_FILE]))
     head = _load_npz(root, HEAD_FILE, contents[HEAD_FILE]) if HEAD_FILE in contents else {}
     try:
         model = TFLiteModel(contents[MODEL_FILE], num_threads=num_threads)
     except (ValueError, RuntimeError) as exc:
         raise _fail(root / MODEL_FILE, f"the TFLite runtime cannot load it ({exc})") from exc
-    emb, fmap = _check_model(root, manifest, model, pre)
+    emb, fmap = _check_model(root, manifest, model, pre, spec)
     threshold = manifest["threshold"]
     try:
         value = float(threshold["value"])
@@ -220,6 +266,7 @@ def load_bundle(path: str | Path, num_threads: int | None = None) -> Bundle:
         score_scale=scale if scale > 0 else 1e-6,
         manifest_sha256=sha256_bytes(raw_manifest),
         head=head,
+        embedding=spec,
     )
 
 

@@ -15,6 +15,11 @@ For a scalar S(e) with gradient v = dS/de the chain rule gives
 
 and Grad-CAM is ``ReLU(sum_c alpha_c A_c)`` with ``alpha_c = mean_ij dS/dA_ijc = dS/dg_c / (h w)``.
 
+With generalised mean pooling (``embedding.pooling: gem``), ``g_c = (mean_ij A_ijc^p)^(1/p)`` and the
+gradient is no longer the same in every cell: ``dS/dA_ijc = dS/dg_c A_ijc^(p-1) g_c^(1-p) / (h w)``.
+The map is then gradient x activation, ``ReLU(sum_c dS/dA_ijc A_ijc)``, which for average pooling is
+exactly the Grad-CAM above and for GeM keeps its property that the cells sum to ``dS/dg . g``.
+
 * Anomaly map: S = 1 - e . b_k for the nearest bank vector b_k, so v = -b_k: what makes this frame
   unlike its nearest normal picture.
 * Class map: S = e . w_k for column k of the head's ``class_weights`` (D, K), so v = w_k.
@@ -41,7 +46,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import Bundle
-from agent.scoring import Embedding
+from agent.scoring import GEM_EPS, Embedding, gem_pool
 
 logger = logging.getLogger(__name__)
 
@@ -83,26 +88,36 @@ def _check(bundle: Bundle, embedding: Embedding) -> np.ndarray:
             "export the embedder with its two outputs [embedding, feature_map]"
         )
     spec = bundle.manifest.get("gradcam") or {}
-    if spec.get("pooling", "avg") != "avg":
-        raise GradCamError(f"bundle {bundle.path}: pooling {spec.get('pooling')!r} is not supported, only 'avg'")
+    if spec.get("pooling", "avg") not in ("avg", "gem"):
+        raise GradCamError(
+            f"bundle {bundle.path}: gradcam.pooling {spec.get('pooling')!r} is not supported, only 'avg' or 'gem'"
+        )
     fmap = np.asarray(embedding.feature_map, dtype=np.float64)
     if fmap.ndim == 4:
         fmap = fmap[0]
     return fmap
 
 
-def gradcam_weights(fmap: np.ndarray, v: np.ndarray, head: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """alpha_c = mean_ij dS/dA_ijc for a scalar S(e) with dS/de = v, through pooling, projection and L2 norm."""
-    h, w, c = fmap.shape
-    g = fmap.reshape(-1, c).mean(axis=0)
+def pooled_gradient(
+    fmap: np.ndarray, v: np.ndarray, head: tuple[np.ndarray, np.ndarray] | None, gem_p: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(g, dS/dg) for a scalar S(e) with dS/de = v, through projection and L2 norm; g is the pooled
+    feature map (average, or GeM with exponent ``gem_p``)."""
+    c = fmap.shape[-1]
+    g = fmap.reshape(-1, c).mean(axis=0) if gem_p is None else gem_pool(fmap, gem_p).astype(np.float64)
     z = g if head is None else g @ head[0] + head[1]
     if z.shape != v.shape:
         raise GradCamError(f"embedding dimension {z.shape[-1]} from the head disagrees with the target's {v.shape}")
     norm = max(float(np.linalg.norm(z)), 1e-12)
     e = z / norm
     dz = (v - e * float(e @ v)) / norm
-    dg = dz if head is None else head[0] @ dz
-    return dg / (h * w)
+    return g, (dz if head is None else head[0] @ dz)
+
+
+def gradcam_weights(fmap: np.ndarray, v: np.ndarray, head: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """alpha_c = mean_ij dS/dA_ijc for a scalar S(e) with dS/de = v, through average pooling, projection and L2 norm."""
+    h, w, _ = fmap.shape
+    return pooled_gradient(fmap, v, head)[1] / (h * w)
 
 
 def cam_from_weights(fmap: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -110,11 +125,22 @@ def cam_from_weights(fmap: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.maximum(fmap @ alpha, 0.0).astype(np.float32)
 
 
+def target_cam(bundle: Bundle, fmap: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Heat map (h, w) of the scalar with dS/de = v, for the bundle's pooling."""
+    head = head_weights(bundle)
+    if bundle.embedding.pooling != "gem":
+        return cam_from_weights(fmap, gradcam_weights(fmap, v, head))
+    p = bundle.embedding.p
+    h, w, _ = fmap.shape
+    g, dg = pooled_gradient(fmap, v, head, p)
+    powered = np.power(np.maximum(fmap, GEM_EPS), p)
+    return np.maximum(powered @ (dg * np.power(np.maximum(g, GEM_EPS), 1.0 - p)) / (h * w), 0.0).astype(np.float32)
+
+
 def anomaly_cam(bundle: Bundle, embedding: Embedding, nearest: int) -> np.ndarray:
     """Heat map (h, w) at feature-map resolution for the score 1 - cos(e, bank[nearest])."""
     fmap = _check(bundle, embedding)
-    v = -bundle.bank[int(nearest)].astype(np.float64)
-    return cam_from_weights(fmap, gradcam_weights(fmap, v, head_weights(bundle)))
+    return target_cam(bundle, fmap, -bundle.bank[int(nearest)].astype(np.float64))
 
 
 def class_names(bundle: Bundle) -> list[str]:
@@ -135,8 +161,7 @@ def class_cam(bundle: Bundle, embedding: Embedding, class_index: int) -> np.ndar
     if not 0 <= class_index < weights.shape[1]:
         raise GradCamError(f"class index {class_index} is outside the head's {weights.shape[1]} classes")
     fmap = _check(bundle, embedding)
-    v = np.asarray(weights[:, class_index], dtype=np.float64)
-    return cam_from_weights(fmap, gradcam_weights(fmap, v, head_weights(bundle)))
+    return target_cam(bundle, fmap, np.asarray(weights[:, class_index], dtype=np.float64))
 
 
 def class_cams(bundle: Bundle, embedding: Embedding) -> dict[str, np.ndarray]:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agent.bundle import Bundle
+from agent.bundle import Bundle, EmbeddingSpec
 from agent.preprocess import prepare_rgb, scale_to_float
-from agent.runtime import quantize
+from agent.runtime import TensorInfo, TFLiteModel, quantize
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,34 @@ class ScoreResult:
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     norm = np.linalg.norm(x, axis=axis, keepdims=True)
     return x / np.maximum(norm, 1e-12)
+
+
+GEM_EPS = 1e-6  # the floor under activations before the power; the trainer's Keras layer uses the same
+
+
+def gem_pool(fmap: np.ndarray, p: float) -> np.ndarray:
+    """Generalised mean over positions of a (h, w, C) or (1, h, w, C) map: (C,) float32.
+
+    p = 1 is the average, large p tends to the maximum; p = 3 lets a few strongly activated cells (a
+    scratch, a dent) move the channel much more than a plain average would."""
+    x = np.maximum(np.asarray(fmap, np.float32).reshape(-1, fmap.shape[-1]), GEM_EPS)
+    powered = x * x * x if p == 3.0 else np.power(x, np.float32(p))
+    return np.power(powered.mean(axis=0), np.float32(1.0 / p))
+
+
+def read_embedding(
+    model: TFLiteModel, spec: EmbeddingSpec, embedding: TensorInfo | None, feature_map: TensorInfo | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(L2-normalised embedding (D,), feature map (h, w, C) or None) after ``model.invoke()``: the one
+    definition the agent and the trainer's export checks share."""
+    fmap = model.get_output(feature_map)[0] if feature_map is not None else None
+    if spec.pooling == "gem":
+        if fmap is None:
+            raise ValueError("GeM pooling needs the model's feature_map output")
+        return l2_normalize(gem_pool(fmap, spec.p)), fmap
+    if embedding is None:
+        raise ValueError("the model has no embedding output")
+    return l2_normalize(model.get_output(embedding).reshape(-1)), fmap
 
 
 def cosine_scores(embeddings: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,10 +131,7 @@ class Scorer:
         else:
             b.model.set_input(scale_to_float(rgb, b.preprocessing))
         b.model.invoke()
-        vector = l2_normalize(b.model.get_output(b.embedding_output).reshape(-1))
-        fmap = None
-        if b.feature_map_output is not None:
-            fmap = b.model.get_output(b.feature_map_output)[0]
+        vector, fmap = read_embedding(b.model, b.embedding, b.embedding_output, b.feature_map_output)
         return Embedding(vector=vector, feature_map=fmap, rgb=rgb)
 
     def score_embedding(self, vector: np.ndarray) -> tuple[float, int]:

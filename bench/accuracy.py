@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import RESULTS, ROOT, SHARED, md_table
 
-OUT = RESULTS / "accuracy"
+OUT = RESULTS / "accuracy"  # --results NAME puts a separate study in bench/results/NAME
 WEIGHTS = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
 # The method's published MobileNetV2 figures on MVTec screw (class2 / class3), for reading ours against.
 PUBLISHED_SCREW = {("l2softmax", 2): 0.75, ("l2softmax", 3): 0.45, ("arcface", 2): 0.76, ("arcface", 3): 0.58,
@@ -92,7 +92,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench", help="bundles are written here")
     parser.add_argument("--keep-bundles", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from stored results")
+    parser.add_argument(
+        "--results", default="accuracy", help="study name: bench/results/NAME/ and NAME.md (default accuracy)"
+    )
     args = parser.parse_args()
+    global OUT
+    OUT = RESULTS / args.results
 
     if not args.report:
         cells = grid(args)
@@ -110,7 +115,7 @@ def main() -> None:
                   f"({res['train_s'] / 60:.1f} min)", flush=True)
             if not args.keep_bundles:
                 shutil.rmtree(work / key, ignore_errors=True)
-    report()
+    report(args.results)
 
 
 def _median(values: list[float]) -> float:
@@ -119,10 +124,10 @@ def _median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
-def report() -> None:
+def report(name: str = "accuracy") -> None:
     lines = ["# Accuracy: image AUROC of int8 bundles through the agent's scorer", "",
-             "Made by `python bench/accuracy.py` (options select a part of the grid); per-run JSON in "
-             "`bench/results/accuracy/`.", ""]
+             f"Made by `python bench/accuracy.py --results {name}` (options select a part of the grid);"
+             f" per-run JSON in `bench/results/{name}/`.", ""]
     for ds_dir in sorted(p for p in OUT.glob("*") if p.is_dir()):
         runs = {p.stem: json.loads(p.read_text()) for p in sorted(ds_dir.glob("*.json"))}
         base = runs.pop("baseline_e0", None)
@@ -149,14 +154,16 @@ def report() -> None:
         lines += [f"## {ds_dir.name}", "",
                   md_table(["config", "seeds", "median AUROC int8", "median AUROC float", "published (MobileNetV2)",
                             "train min"], rows), ""]
-        png = _boxplot(ds_dir.name, base, groups)
+        png = _boxplot(ds_dir.name, base, groups, name)
         if png:
             lines += [f"![box plots over seeds](../../docs/img/{png.name})", ""]
-    (RESULTS / "accuracy.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
-def _boxplot(dataset: str, base: dict[str, Any] | None, groups: dict[str, list[dict[str, Any]]]) -> Path | None:
+def _boxplot(
+    dataset: str, base: dict[str, Any] | None, groups: dict[str, list[dict[str, Any]]], name: str = "accuracy"
+) -> Path | None:
     data = {cfg: [r["image_auroc"] for r in rs if r.get("status") == "ok"] for cfg, rs in sorted(groups.items())}
     data = {k: v for k, v in data.items() if v}
     if not data:
@@ -176,7 +183,7 @@ def _boxplot(dataset: str, base: dict[str, Any] | None, groups: dict[str, list[d
     ax.set_title(f"{dataset}: AUROC over seeds")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out = ROOT / "docs" / "img" / f"accuracy_{dataset}.png"  # pictures live in docs/, figures in results/
+    out = ROOT / "docs" / "img" / f"{name}_{dataset}.png"  # pictures live in docs/, figures in results/
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

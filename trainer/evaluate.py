@@ -66,13 +66,15 @@ def with_float_model(bundle: Bundle, model_path: Path, num_threads: int | None =
             f"{bundle.model.input.shape}; give the file yugami-train --save-float wrote with this bundle"
         )
     roles = output_roles(model)
-    if roles["embedding"].shape[-1] != bundle.embedding_dim:
+    source = roles.get("feature_map") if bundle.embedding.pooling == "gem" else roles.get("embedding")
+    if source is None or source.shape[-1] != bundle.embedding_dim:
         raise BundleError(
-            f"--float-model {model_path}: embedding dimension {roles['embedding'].shape[-1]} differs from the "
-            f"bundle's {bundle.embedding_dim}"
+            f"--float-model {model_path}: outputs {[o.shape for o in model.outputs]} do not give the bundle's "
+            f"{bundle.embedding.pooling} embedding of dimension {bundle.embedding_dim}; give the file "
+            "yugami-train --save-float wrote with this bundle"
         )
     return dataclasses.replace(
-        bundle, model=model, embedding_output=roles["embedding"], feature_map_output=roles.get("feature_map")
+        bundle, model=model, embedding_output=roles.get("embedding"), feature_map_output=roles.get("feature_map")
     )
 
 

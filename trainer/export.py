@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.bundle import EmbeddingSpec
 from agent.runtime import TensorInfo, TFLiteModel
+from agent.scoring import read_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -182,15 +184,16 @@ def export_float(model: Any) -> bytes:
 
 
 def output_roles(tflite: TFLiteModel) -> dict[str, TensorInfo]:
-    """Which output is the embedding (rank 2) and which the last conv feature map (rank 4)."""
+    """Which output is the embedding (rank 2) and which the last conv feature map (rank 4); a GeM
+    model has only the feature map."""
     roles: dict[str, TensorInfo] = {}
     for info in tflite.outputs:
         if len(info.shape) == 2:
             roles["embedding"] = info
         elif len(info.shape) == 4:
             roles["feature_map"] = info
-    if "embedding" not in roles:
-        raise ValueError(f"no rank-2 embedding output among {[o.shape for o in tflite.outputs]}")
+    if not roles:
+        raise ValueError(f"no rank-2 embedding or rank-4 feature map among {[o.shape for o in tflite.outputs]}")
     return roles
 
 
@@ -210,18 +213,20 @@ class ExportError(RuntimeError):
 MIN_INT8_COSINE = 0.98
 
 
-def tflite_embeddings(model_bytes: bytes, inputs: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+def tflite_embeddings(
+    model_bytes: bytes, inputs: np.ndarray, num_threads: int | None = None, spec: EmbeddingSpec | None = None
+) -> np.ndarray:
     """L2-normalised embeddings (N, D) of float inputs (N, H, W, 3) through the TFLite runtime,
-    the same calls the agent's scorer makes per frame."""
+    read by the agent's own :func:`agent.scoring.read_embedding` (``spec``: the bundle's pooling)."""
     tfl = TFLiteModel(model_bytes, num_threads=num_threads)
-    emb_info = output_roles(tfl)["embedding"]
+    roles = output_roles(tfl)
+    spec = spec or EmbeddingSpec()
     out = []
     for x in inputs:
         tfl.set_input(np.asarray(x, np.float32))
         tfl.invoke()
-        out.append(tfl.get_output(emb_info).reshape(-1))
-    emb = np.stack(out).astype(np.float32)
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        out.append(read_embedding(tfl, spec, roles.get("embedding"), roles.get("feature_map"))[0])
+    return np.stack(out).astype(np.float32)
 
 
 def int8_agreement(float_embeddings: np.ndarray, int8_embeddings: np.ndarray) -> dict[str, float]:

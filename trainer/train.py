@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.bundle import write_bundle
+from agent.bundle import EmbeddingSpec, write_bundle
 from agent.preprocess import Preprocessing
 from agent.scoring import cosine_scores
 from trainer import anomalies, bank, calibrate, data, localize
@@ -35,7 +35,7 @@ from trainer.export import (
     tflite_embeddings,
     tflite_manifest,
 )
-from trainer.model import ModelConfig
+from trainer.model import ModelConfig, export_model
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +160,15 @@ def _representative(pictures: np.ndarray, masks: np.ndarray, cfg: TrainConfig, s
     return out
 
 
+def embedding_spec(model: ModelConfig) -> EmbeddingSpec:
+    """How the agent reads the embedding of this model: pools the feature map (GeM) or takes the output."""
+    return EmbeddingSpec("gem", model.gem_p) if model.pooling == "gem" else EmbeddingSpec("model")
+
+
 def _gradcam_entry(cfg: TrainConfig, head: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "feature_map_output": "feature_map",
-        "pooling": "avg",
+        "pooling": cfg.model.pooling,
         "projection": cfg.model.projection > 0,
     }
     if head is not None:
@@ -210,20 +215,24 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     t_train = time.perf_counter() - t0
 
     representative = _representative(fit, masks, cfg, spec)
-    model_bytes = export_int8(embedder, representative)
+    to_export = export_model(embedder, cfg.model)
+    model_bytes = export_int8(to_export, representative)
+    emb_spec = embedding_spec(cfg.model)
     held_x = data.to_model_input(held, spec)
-    agreement = int8_agreement(_float_embeddings(embedder, held_x), tflite_embeddings(model_bytes, held_x))
+    agreement = int8_agreement(
+        _float_embeddings(embedder, held_x), tflite_embeddings(model_bytes, held_x, spec=emb_spec)
+    )
     logger.info("int8 vs float: mean cosine %.4f (min %.4f)", agreement["mean_cosine"], agreement["min_cosine"])
     if save_float is not None:
         # Written before the int8 gate, so a refused export can still be measured in float.
         save_float.parent.mkdir(parents=True, exist_ok=True)
-        save_float.write_bytes(export_float(embedder))
+        save_float.write_bytes(export_float(to_export))
         logger.info("float TFLite written to %s", save_float)
     check_int8(agreement, cfg.min_int8_cosine)
 
-    fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec))
+    fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec), spec=emb_spec)
     bank16, reduction = bank.build_bank(fit_emb, cfg.bank_size)
-    held_scores, _ = cosine_scores(tflite_embeddings(model_bytes, held_x), bank16.astype(np.float32))
+    held_scores, _ = cosine_scores(tflite_embeddings(model_bytes, held_x, spec=emb_spec), bank16.astype(np.float32))
     threshold = calibrate.calibrate(held_scores, cfg.far)
 
     manifest = {
@@ -231,6 +240,7 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
         "preprocessing": spec.to_manifest(),
         "tflite": tflite_manifest(model_bytes),
         "embedding_dim": int(fit_emb.shape[1]),
+        "embedding": emb_spec.to_manifest(),
         "gradcam": _gradcam_entry(cfg, head),
         "bank": {"reduction": reduction, "source": "int8 embeddings of the fit share of train/good"},
         "threshold": threshold,

@@ -65,9 +65,12 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
 
     bundle = load_bundle(out)
     m = bundle.manifest
+    # GeM by default: the int8 model carries only the feature map and the agent pools it.
+    assert m["embedding"] == {"pooling": "gem", "p": 3.0}
+    assert bundle.embedding_output is None and list(m["tflite"]["outputs"]) == ["feature_map"]
     assert m["gradcam"] == {
         "feature_map_output": "feature_map",
-        "pooling": "avg",
+        "pooling": "gem",
         "projection": False,
         "class_names": ["normal", "line"],
     }
