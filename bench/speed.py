@@ -154,8 +154,6 @@ def worker_keras(bundle: str, threads: int, n: int) -> dict[str, Any]:
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    import keras
-
     from agent.bundle import load_bundle
     from agent.preprocess import preprocess
 
@@ -164,13 +162,14 @@ def worker_keras(bundle: str, threads: int, n: int) -> dict[str, Any]:
     h, w = pre.input_size
     alpha = float(manifest.get("training", {}).get("alpha", 1.0))
     weights = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
-    base = keras.applications.MobileNetV2(
-        input_shape=(h, w, 3), alpha=alpha, include_top=False,
-        weights=str(weights) if alpha == 1.0 and weights.is_file() else None,
-    )
-    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
-    emb = keras.layers.UnitNormalization()(keras.layers.Dense(int(manifest["embedding_dim"]))(pooled))
-    model = keras.Model(base.input, [emb, base.output])
+    # The bundle's own embedder in float Keras (pooling as the bundle's manifest says): what a user
+    # without the int8 export would run.
+    from trainer.model import ModelConfig, build_embedder
+
+    pooling = "gem" if (manifest.get("embedding") or {}).get("pooling") == "gem" else "avg"
+    cfg = ModelConfig(input_size=(h, w), alpha=alpha, pooling=pooling,
+                      weights=str(weights) if alpha == 1.0 and weights.is_file() else "none")
+    model, _ = build_embedder(cfg)
     frames = real_frames(n)
     for f in frames[:5]:
         model(preprocess(f, pre)[None], training=False)

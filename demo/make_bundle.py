@@ -38,6 +38,7 @@ TRAIN_ARGS = {
     "--alpha": "1.0",
     "--epochs": "10",
     "--projection": "128",
+    "--pooling": "avg",  # the committed bundle predates GeM; a projection needs average pooling
     "--seed": "0",
     "--name": "yugami-demo-parts",
 }

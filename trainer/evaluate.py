@@ -80,15 +80,14 @@ def with_float_model(bundle: Bundle, model_path: Path, num_threads: int | None =
 
 def with_float_bank(bundle: Bundle, train: list[Path], progress: bool = False) -> tuple[Bundle, dict[str, Any]]:
     """``bundle`` (already holding the float model) with bank and threshold rebuilt from its own
-    embeddings, the way the trainer built the int8 ones: the same fit / held-out split of
-    train/good (the manifest's holdout and seed), k-center to the same bank size, the held-out
-    quantile at the same false-alarm target. Float test embeddings against the int8 bank would
-    measure the int8-vs-float offset, not the features (screw, ImageNet: 0.70 instead of 0.81)."""
+    embeddings, the way the trainer built the int8 ones (:func:`trainer.calibrate.bank_and_threshold`):
+    the same fit / held-out split of train/good (the manifest's holdout and seed), k-center to the
+    same bank size, the held-out quantile at the same false-alarm target. Float test embeddings
+    against the int8 bank would measure the int8-vs-float offset, not the features (screw,
+    ImageNet: 0.70 instead of 0.81)."""
     from tqdm import tqdm
 
-    from agent.scoring import cosine_scores
-    from trainer.bank import build_bank
-    from trainer.calibrate import DEFAULT_FAR, calibrate
+    from trainer.calibrate import DEFAULT_FAR, bank_and_threshold
     from trainer.data import split_holdout
 
     settings = bundle.manifest.get("training", {}).get("settings", {})
@@ -99,13 +98,11 @@ def with_float_bank(bundle: Bundle, train: list[Path], progress: bool = False) -
         [scorer.embed(load_image(p), str(p)).vector for p in tqdm(train, desc="float bank", disable=not progress)]
     )
     fit_idx, held_idx = split_holdout(len(train), holdout, seed)
-    bank16, reduction = build_bank(emb[fit_idx], min(bundle.bank.shape[0], len(fit_idx)))
+    bank16, reduction, threshold = bank_and_threshold(emb[fit_idx], emb[held_idx], far, bundle.bank.shape[0])
     bank = bank16.astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    held_scores, _ = cosine_scores(emb[held_idx], bank)
-    threshold = calibrate(held_scores, far)
     info = {
-        "bank": f"float embeddings of the fit share of train/good ({len(fit_idx)}), k-center to {bank.shape[0]}",
+        "bank": f"float embeddings of train/good ({len(train)}), k-center to {bank.shape[0]}",
         "threshold_source": f"float held-out normals ({len(held_idx)}) at false-alarm target {far}",
         "bank_reduction": reduction,
     }

@@ -5,10 +5,11 @@
 3. localise the object (mean picture, difference, Otsu, morphology) in the fit pictures;
 4. fine-tune MobileNetV2 with a metric-learning head to tell normal pictures from synthetic
    anomalies (line, distortion) made afresh in every batch (``epochs=0``: ImageNet features as they are);
-5. export a full-integer int8 TFLite model with two outputs [embedding, feature_map]; compare it with
-   the float model on the held-out normals and refuse to ship below a mean cosine of 0.98;
-6. bank = int8 embeddings of the fit normals reduced by greedy k-center; threshold = held-out
-   score quantile at the target false-alarm rate;
+5. export a full-integer int8 TFLite model (outputs [embedding, feature_map]; with GeM pooling only
+   the feature map, pooled by the agent); compare it with the float model on the held-out normals
+   and refuse to ship below a mean cosine of 0.98;
+6. threshold = quantile at the target false-alarm rate of the held-out scores against a bank of the
+   fit normals; the shipped bank = int8 embeddings of all normals, reduced by greedy k-center;
 7. write the bundle (manifest with every setting, the data fingerprint, head.npz for Grad-CAM).
 """
 
@@ -25,8 +26,7 @@ import numpy as np
 
 from agent.bundle import EmbeddingSpec, write_bundle
 from agent.preprocess import Preprocessing
-from agent.scoring import cosine_scores
-from trainer import anomalies, bank, calibrate, data, localize
+from trainer import anomalies, calibrate, data, localize
 from trainer.export import (
     check_int8,
     export_float,
@@ -231,9 +231,8 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     check_int8(agreement, cfg.min_int8_cosine)
 
     fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec), spec=emb_spec)
-    bank16, reduction = bank.build_bank(fit_emb, cfg.bank_size)
-    held_scores, _ = cosine_scores(tflite_embeddings(model_bytes, held_x, spec=emb_spec), bank16.astype(np.float32))
-    threshold = calibrate.calibrate(held_scores, cfg.far)
+    held_emb = tflite_embeddings(model_bytes, held_x, spec=emb_spec)
+    bank16, reduction, threshold = calibrate.bank_and_threshold(fit_emb, held_emb, cfg.far, cfg.bank_size)
 
     manifest = {
         "model": {"name": cfg.name, "version": cfg.version, "backbone": f"MobileNetV2 alpha {cfg.model.alpha}"},
@@ -242,7 +241,10 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
         "embedding_dim": int(fit_emb.shape[1]),
         "embedding": emb_spec.to_manifest(),
         "gradcam": _gradcam_entry(cfg, head),
-        "bank": {"reduction": reduction, "source": "int8 embeddings of the fit share of train/good"},
+        "bank": {
+            "reduction": reduction,
+            "source": "int8 embeddings of all train/good (the fit share and, after calibration, the held-out share)",
+        },
         "threshold": threshold,
         "int8_vs_float": {**agreement, "minimum_required": cfg.min_int8_cosine, "on": "held-out normals"},
         "training": {

@@ -80,7 +80,8 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
     assert m["int8_vs_float"]["mean_cosine"] >= 0.98
     assert m["training"]["data"]["fingerprint_sha256"] == fingerprint(find_dataset(parts).train)
     assert m["training"]["settings"]["loss"] == "l2softmax" and m["training"]["settings"]["epochs"] == 1
-    assert m["bank"]["count"] == 32 and m["threshold"]["held_out"]["count"] == 8
+    # Calibrated on 8 held-out normals against the 32 fit ones; then all 40 go into the bank.
+    assert m["bank"]["count"] == 40 and m["threshold"]["held_out"]["count"] == 8
     assert (out / "localization.png").is_file()
 
     # The agent's scorer gives a scratched part a higher score than the same part unscratched.

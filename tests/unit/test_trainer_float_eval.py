@@ -68,7 +68,7 @@ def test_eval_json_holds_int8_and_float_figures(bundle_and_float, tmp_path: Path
     assert set(result["float"]["per_defect_auroc"]) == {"scratch"}
     assert (result["float"]["n_good"], result["float"]["n_defect"]) == (6, 6)
     # Float bank and threshold are the float model's own: the int8 ones would measure the int8 offset.
-    assert result["float"]["bank"].startswith("float embeddings of the fit share")
+    assert result["float"]["bank"].startswith("float embeddings of train/good")
     assert result["float"]["threshold"] != result["threshold"]
 
 
