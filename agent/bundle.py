@@ -41,6 +41,7 @@ class BundleError(ValueError):
 
 
 POOLINGS = ("model", "gem")
+GEM_P_RANGE = (0.5, 16.0)  # beyond 16 GeM is a max pool in all but float32 overflow
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ class EmbeddingSpec:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)}")
         p = float(d.get("p", 3.0))
-        if not 0.5 <= p <= 16.0:
-            raise ValueError(f"p {p} is outside 0.5..16")
+        if not GEM_P_RANGE[0] <= p <= GEM_P_RANGE[1]:
+            raise ValueError(f"p {p} is outside {GEM_P_RANGE[0]}..{GEM_P_RANGE[1]:g}")
         return cls(pooling=pooling, p=p)
 
     def to_manifest(self) -> dict[str, Any]:

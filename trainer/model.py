@@ -21,6 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from agent.bundle import GEM_P_RANGE
 from agent.scoring import GEM_EPS
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ModelError(f"pooling {self.pooling!r}: use one of {list(POOLINGS)}")
-        if not 0.5 <= self.gem_p <= 16.0:
-            raise ModelError(f"--gem-p {self.gem_p}: use a value in 0.5..16 (3 is the usual choice)")
+        if not GEM_P_RANGE[0] <= self.gem_p <= GEM_P_RANGE[1]:
+            raise ModelError(f"--gem-p {self.gem_p}: use a value in {GEM_P_RANGE[0]}..{GEM_P_RANGE[1]:g} (3 is usual)")
         if self.pooling == "gem" and self.projection > 0:
             raise ModelError(
                 "--projection with --pooling gem is not supported: the device pools the feature map itself "

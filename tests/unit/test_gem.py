@@ -132,3 +132,13 @@ def test_gem_without_a_feature_map_is_refused(tmp_path: Path) -> None:
                          manifest=manifest)
     with pytest.raises(BundleError, match="no 'feature_map' entry"):
         load_bundle(root2)
+
+
+def test_trainer_refuses_gem_settings_the_device_cannot_follow() -> None:
+    from trainer.model import ModelConfig, ModelError
+
+    with pytest.raises(ModelError, match="--pooling avg"):
+        ModelConfig(projection=128)  # GeM is the default; the device has no projection after it
+    with pytest.raises(ModelError, match="--gem-p"):
+        ModelConfig(gem_p=40.0)
+    assert ModelConfig(pooling="avg", projection=128).projection == 128
