@@ -219,9 +219,8 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     model_bytes = export_int8(to_export, representative)
     emb_spec = embedding_spec(cfg.model)
     held_x = data.to_model_input(held, spec)
-    agreement = int8_agreement(
-        _float_embeddings(embedder, held_x), tflite_embeddings(model_bytes, held_x, spec=emb_spec)
-    )
+    held_emb = tflite_embeddings(model_bytes, held_x, spec=emb_spec)
+    agreement = int8_agreement(_float_embeddings(embedder, held_x), held_emb)
     logger.info("int8 vs float: mean cosine %.4f (min %.4f)", agreement["mean_cosine"], agreement["min_cosine"])
     if save_float is not None:
         # Written before the int8 gate, so a refused export can still be measured in float.
@@ -231,7 +230,6 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     check_int8(agreement, cfg.min_int8_cosine)
 
     fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec), spec=emb_spec)
-    held_emb = tflite_embeddings(model_bytes, held_x, spec=emb_spec)
     bank16, reduction, threshold = calibrate.bank_and_threshold(fit_emb, held_emb, cfg.far, cfg.bank_size)
 
     manifest = {
