@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "yugami-mobilenetv2"
 DEBUG_PICTURE = "localization.png"
+DEBUG_PANEL_PX = 112
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,10 @@ def _gradcam_entry(cfg: TrainConfig, head: Any) -> dict[str, Any]:
 
 def _debug_png(pictures: np.ndarray, mean: np.ndarray, masks: np.ndarray) -> bytes:
     picture = localize.debug_picture(pictures, mean, masks)
-    # Half size: enough to see where the object was found, and it keeps a noisy 16-panel PNG from
-    # weighing more than the model in every bundle shipped to a camera box.
-    picture = cv2.resize(picture, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    # Panels of DEBUG_PANEL_PX: enough to see where the object was found, and it keeps a noisy 16-panel
+    # PNG small in every bundle shipped to a camera box (at 448 px full-size panels made 1.1 MB of it).
+    scale = min(1.0, DEBUG_PANEL_PX / pictures.shape[1])
+    picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("could not encode the localisation debug picture")
