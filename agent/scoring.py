@@ -59,9 +59,13 @@ def gem_pool(fmap: np.ndarray, p: float) -> np.ndarray:
 
     p = 1 is the average, large p tends to the maximum; p = 3 lets a few strongly activated cells (a
     scratch, a dent) move the channel much more than a plain average would."""
+    return np.power(gem_powers(fmap, p).mean(axis=0), np.float32(1.0 / p))
+
+
+def gem_powers(fmap: np.ndarray, p: float) -> np.ndarray:
+    """max(A, eps)^p per cell and channel, (h w, C) float32: what GeM averages (and Grad-CAM weighs)."""
     x = np.maximum(np.asarray(fmap, np.float32).reshape(-1, fmap.shape[-1]), GEM_EPS)
-    powered = x * x * x if p == 3.0 else np.power(x, np.float32(p))
-    return np.power(powered.mean(axis=0), np.float32(1.0 / p))
+    return x * x * x if p == 3.0 else np.power(x, np.float32(p))  # the cube: 10x faster than pow
 
 
 def read_embedding(
