@@ -29,8 +29,13 @@ from bench._common import RESULTS, ROOT, SHARED, md_table
 OUT = RESULTS / "accuracy"  # --results NAME puts a separate study in bench/results/NAME
 WEIGHTS = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
 # The method's published MobileNetV2 figures on MVTec screw (class2 / class3), for reading ours against.
-PUBLISHED_SCREW = {("l2softmax", 2): 0.75, ("l2softmax", 3): 0.45, ("arcface", 2): 0.76, ("arcface", 3): 0.58,
-                   ("adacos", 3): 0.54}
+PUBLISHED_SCREW = {
+    ("l2softmax", 2): 0.75,
+    ("l2softmax", 3): 0.45,
+    ("arcface", 2): 0.76,
+    ("arcface", 3): 0.58,
+    ("adacos", 3): 0.54,
+}
 
 
 def bin_path(name: str) -> str:
@@ -42,8 +47,18 @@ def run_cell(dataset: str, key: str, train_args: list[str], work: Path) -> dict[
     data = SHARED / "data" / dataset
     bundle, float_model = work / key, work / f"{key}.float.tflite"
     t0 = time.monotonic()
-    train = [bin_path("yugami-train"), str(data), "--out", str(bundle), "--weights", str(WEIGHTS), "--quiet",
-             "--save-float", str(float_model), *train_args]
+    train = [
+        bin_path("yugami-train"),
+        str(data),
+        "--out",
+        str(bundle),
+        "--weights",
+        str(WEIGHTS),
+        "--quiet",
+        "--save-float",
+        str(float_model),
+        *train_args,
+    ]
     proc = subprocess.run(train, capture_output=True, text=True)
     train_s = time.monotonic() - t0
     if proc.returncode != 0:
@@ -77,8 +92,9 @@ def grid(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
             for loss in args.losses:
                 for seed in args.seeds:
                     key = f"c{classes}_{loss}_s{seed}"
-                    cells.append((ds, key, ["--classes", str(classes), "--loss", loss, "--seed", str(seed),
-                                            *args.extra]))
+                    cells.append(
+                        (ds, key, ["--classes", str(classes), "--loss", loss, "--seed", str(seed), *args.extra])
+                    )
     return cells
 
 
@@ -111,8 +127,11 @@ def main() -> None:
             res["train_args"] = train_args
             (OUT / ds).mkdir(parents=True, exist_ok=True)
             (OUT / ds / f"{key}.json").write_text(json.dumps(res, indent=2))
-            print(f"    -> {res['status']} AUROC {res.get('image_auroc')} float {res.get('float_image_auroc')} "
-                  f"({res['train_s'] / 60:.1f} min)", flush=True)
+            print(
+                f"    -> {res['status']} AUROC {res.get('image_auroc')} float {res.get('float_image_auroc')} "
+                f"({res['train_s'] / 60:.1f} min)",
+                flush=True,
+            )
             if not args.keep_bundles:
                 shutil.rmtree(work / key, ignore_errors=True)
     report(args.results)
@@ -125,9 +144,13 @@ def _median(values: list[float]) -> float:
 
 
 def report(name: str = "accuracy") -> None:
-    lines = ["# Accuracy: image AUROC of int8 bundles through the agent's scorer", "",
-             f"Made by `python bench/accuracy.py --results {name}` (options select a part of the grid);"
-             f" per-run JSON in `bench/results/{name}/`.", ""]
+    lines = [
+        "# Accuracy: image AUROC of int8 bundles through the agent's scorer",
+        "",
+        f"Made by `python bench/accuracy.py --results {name}` (options select a part of the grid);"
+        f" per-run JSON in `bench/results/{name}/`.",
+        "",
+    ]
     for ds_dir in sorted(p for p in OUT.glob("*") if p.is_dir()):
         runs = {p.stem: json.loads(p.read_text()) for p in sorted(ds_dir.glob("*.json"))}
         base = runs.pop("baseline_e0", None)
@@ -136,29 +159,89 @@ def report(name: str = "accuracy") -> None:
             groups.setdefault(key.rsplit("_s", 1)[0], []).append(r)
         rows = []
         if base and base.get("status") == "ok":
-            rows.append(["zero-training baseline (`--epochs 0`)", 1, base["image_auroc"],
-                         base.get("float_image_auroc") or "", "", f"{base['train_s'] / 60:.1f}"])
+            rows.append(
+                [
+                    "zero-training baseline (`--epochs 0`)",
+                    1,
+                    f"{base['image_auroc']:.3f}",
+                    base["image_auroc"],
+                    base.get("float_image_auroc") or "",
+                    "",
+                    f"{base['train_s'] / 60:.1f}",
+                ]
+            )
         for cfg, rs in sorted(groups.items()):
             ok = [r for r in rs if r.get("status") == "ok"]
             classes, loss = cfg.split("_", 1)
             published = PUBLISHED_SCREW.get((loss, int(classes[1:]))) if ds_dir.name == "mvtec_screw" else None
             if not ok:
-                rows.append([f"{loss}, {classes[1:]} classes", f"0 of {len(rs)}", "failed", "", "", ""])
+                rows.append(
+                    [
+                        f"{loss}, {classes[1:]} classes",
+                        _seeds_cell(rs),
+                        " / ".join(_seed_result(r) for r in rs),
+                        "failed",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
                 continue
             floats = [r["float_image_auroc"] for r in ok if r.get("float_image_auroc") is not None]
-            rows.append([
-                f"{loss}, {classes[1:]} classes", len(ok), _median([r["image_auroc"] for r in ok]),
-                _median(floats) if floats else "", published if published is not None else "",
-                f"{_median([r['train_s'] for r in ok]) / 60:.1f}",
-            ])
-        lines += [f"## {ds_dir.name}", "",
-                  md_table(["config", "seeds", "median AUROC int8", "median AUROC float", "published (MobileNetV2)",
-                            "train min"], rows), ""]
+            rows.append(
+                [
+                    f"{loss}, {classes[1:]} classes",
+                    _seeds_cell(rs),
+                    " / ".join(_seed_result(r) for r in rs),
+                    _median([r["image_auroc"] for r in ok]),
+                    _median(floats) if floats else "",
+                    published if published is not None else "",
+                    f"{_median([r['train_s'] for r in ok]) / 60:.1f}",
+                ]
+            )
+        lines += [
+            f"## {ds_dir.name}",
+            "",
+            md_table(
+                [
+                    "config",
+                    "seeds",
+                    "AUROC int8 per seed",
+                    "median AUROC int8",
+                    "median AUROC float",
+                    "published (MobileNetV2)",
+                    "train min",
+                ],
+                rows,
+            ),
+            "",
+        ]
         png = _boxplot(ds_dir.name, base, groups, name)
         if png:
             lines += [f"![box plots over seeds](../../docs/img/{png.name})", ""]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _refused(r: dict[str, Any]) -> bool:
+    """The trainer's int8 gate turned the export down (cosine to float below the minimum)."""
+    return r.get("status") == "train_failed" and "export refused" in (r.get("error") or "")
+
+
+def _seed_result(r: dict[str, Any]) -> str:
+    if r.get("status") == "ok":
+        return f"{r['image_auroc']:.3f}"
+    return "refused" if _refused(r) else r.get("status", "?")
+
+
+def _seeds_cell(rs: list[dict[str, Any]]) -> str:
+    """Seeds that gave a bundle; where some did not, how many and why (the median is of the rest)."""
+    ok = sum(r.get("status") == "ok" for r in rs)
+    if ok == len(rs):
+        return str(ok)
+    refused = sum(_refused(r) for r in rs)
+    why = f", {refused} refused by the int8 gate" if refused else ""
+    return f"{ok} of {len(rs)}{why}"
 
 
 def _boxplot(
@@ -175,6 +258,8 @@ def _boxplot(
 
     fig, ax = plt.subplots(figsize=(1.6 * len(data) + 2, 4))
     ax.boxplot(list(data.values()), showmeans=True)
+    for i, values in enumerate(data.values(), 1):  # with 3 seeds a box hides how few points it has
+        ax.scatter([i] * len(values), values, s=14, color="black", zorder=3)
     ax.set_xticks(range(1, len(data) + 1), list(data), rotation=20)
     if base and base.get("status") == "ok":
         ax.axhline(base["image_auroc"], color="tab:red", ls="--", label="zero-training baseline")
