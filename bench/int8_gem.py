@@ -1,18 +1,20 @@
-"""What int8 costs the anomaly score with GeM at 448 px, and where in the network it is lost.
+"""What int8 costs the anomaly score with GeM at 448 px, and what the calibration set does to it.
 
 The int8 gate (cosine int8 vs float on held-out normals) passes at 0.996 on MVTec screw, yet the
-zero-training bundle scores image AUROC 0.914 where its float twin scores 0.939. This study works
+zero-training bundle scored image AUROC 0.914 where its float twin scored 0.939. This study works
 on AUROC itself: the zero-training GeM embedder (ImageNet MobileNetV2, ``out_relu`` feature map,
 GeM p = 3 pooled in float as the agent does), bank = every train/good embedding, score = 1 - max
-cosine, on the full test set; every variant is exported from the same float model.
+cosine, on the full test set; every variant is exported from the same float model with the
+trainer's 300 representative pictures (seed 0).
 
-    .venv/bin/python bench/int8_gem.py screw plain biascorr            # export variants
-    .venv/bin/python bench/int8_gem.py screw deny:head deny:stem        # ops left in float (diagnosis)
+    .venv/bin/python bench/int8_gem.py screw plain lines nolines
+    .venv/bin/python bench/int8_gem.py tile lines nolines
+    .venv/bin/python bench/int8_gem.py --ranges A.tflite B.tflite      # activation scales, A vs B
 
-Variants: ``plain`` (converter alone), ``biascorr`` (the trainer's export), ``nolines`` (bias
-correction, calibration without synthetic lines), ``deny:GROUP`` (bias correction, the ops of a
-group kept float: not full-integer, diagnosis only; groups in DENY_GROUPS). Pictures and float
-embeddings are cached in /tmp/int8_gem; results are appended to bench/results/int8_gem.jsonl.
+Variants: ``plain`` (converter alone, calibration with lines), ``lines`` (bias correction, every
+4th calibration picture with a synthetic line: the trainer's export until 2026-11-27),
+``nolines`` (bias correction, normal pictures only: the trainer's export now). Pictures and float
+embeddings are cached in /tmp/int8_gem; rows are appended to bench/results/int8_gem.jsonl.
 """
 
 from __future__ import annotations
@@ -37,15 +39,8 @@ WEIGHTS = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
 DATA = {"tile": SHARED / "data/magnetic_tile", "screw": SHARED / "data/mvtec_screw"}
 OUT = ROOT / "bench" / "results" / "int8_gem.jsonl"
 SIZE, P, N_REP, SEED = 448, 3.0, 300, 0
-
-# Name fragments of the ops kept in float by deny:GROUP (MobileNetV2 layer names).
-DENY_GROUPS = {
-    "stem": ["Conv1", "expanded_conv_"],
-    "early": ["block_1_", "block_2_", "block_3_", "block_4_", "block_5_"],
-    "middle": ["block_6_", "block_7_", "block_8_", "block_9_", "block_10_", "block_11_", "block_12_"],
-    "late": ["block_13_", "block_14_", "block_15_"],
-    "head": ["block_16_", "Conv_1", "out_relu"],
-}
+# variant: (bias correction, calibration set)
+VARIANTS = {"plain": (False, "rep"), "lines": (True, "rep"), "nolines": (True, "rep_plain")}
 
 
 def pictures(name: str) -> dict[str, np.ndarray]:
@@ -135,51 +130,12 @@ def auroc(train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def export_denied(model: Any, rep: list[np.ndarray], fragments: list[str], held: np.ndarray) -> bytes:
-    """Bias-corrected int8 with the ops whose tensor names hold a fragment kept in float."""
-    import csv
-    import io
-
-    import tensorflow as tf
-
-    from trainer.export import BIAS_CORRECTION_IMAGES, bias_corrected
-
-    corrected = bias_corrected(model, np.stack(rep[:BIAS_CORRECTION_IMAGES]))
-
-    def dataset():
-        for x in rep:
-            yield [x[None]]
-
-    def converter():
-        conv = tf.lite.TFLiteConverter.from_keras_model(corrected)
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = dataset
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-        return conv
-
-    probe = tf.lite.experimental.QuantizationDebugger(converter=converter(), debug_dataset=lambda: iter([[held[:1]]]))
-    probe.run()
-    buf = io.StringIO()
-    probe.layer_statistics_dump(buf)
-    names = [row["tensor_name"] for row in csv.DictReader(io.StringIO(buf.getvalue()))]
-    deny = [n for n in names if any(f in n.split(";")[0] for f in fragments)]
-    opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=deny)
-    dbg = tf.lite.experimental.QuantizationDebugger(
-        converter=converter(), debug_dataset=lambda: iter([[held[:1]]]), debug_options=opts
-    )
-    print(f"    {len(deny)} of {len(names)} tensors kept float", flush=True)
-    return dbg.get_nondebug_quantized_model()
-
-
 def run_variant(name: str, variant: str, model: Any, d: dict[str, np.ndarray], f: dict[str, np.ndarray]) -> dict:
     from trainer.export import export_int8
 
     t = time.perf_counter()
-    rep = list(to_float(d["rep_plain" if variant == "nolines" else "rep"]))
-    if variant.startswith("deny:"):
-        q = export_denied(model, rep, DENY_GROUPS[variant[5:]], to_float(d["train"][:1]))
-    else:
-        q = export_int8(model, rep, bias_correction=variant != "plain")
+    bias_correction, rep_kind = VARIANTS[variant]
+    q = export_int8(model, list(to_float(d[rep_kind])), bias_correction=bias_correction)
     export_s = time.perf_counter() - t
     qe = {part: int8_embeddings(q, d[part]) for part in ("train", "test")}
     cos = np.sum(qe["test"] * f["test"], axis=1)
@@ -202,14 +158,41 @@ def run_variant(name: str, variant: str, model: Any, d: dict[str, np.ndarray], f
     return row
 
 
+def activation_scales(path: Path) -> dict[str, float]:
+    """Per-tensor int8 scale of every activation (batch-1 4-D tensors) of a TFLite model."""
+    from agent.runtime import load_interpreter_class
+
+    interpreter_class, _ = load_interpreter_class()
+    scales = {}
+    for d in interpreter_class(model_path=str(path)).get_tensor_details():
+        q = d["quantization_parameters"]
+        if d["dtype"] == np.int8 and len(q["scales"]) == 1 and len(d["shape"]) == 4 and d["shape"][0] == 1:
+            scales[d["name"]] = float(q["scales"][0])
+    return scales
+
+
+def compare_ranges(a_path: Path, b_path: Path, top: int = 12) -> None:
+    """How much wider A's activation ranges are than B's (two int8 exports of one float model)."""
+    a, b = activation_scales(a_path), activation_scales(b_path)
+    common = [n for n in a if n in b]
+    ratio = {n: a[n] / b[n] for n in common}
+    r = np.array(list(ratio.values()))
+    print(
+        f"{len(common)} activation tensors; scale A / B: median {np.median(r):.3f}, min {r.min():.3f}, "
+        f"max {r.max():.3f}; wider by > 5 %: {(r > 1.05).sum()}, narrower by > 5 %: {(r < 0.95).sum()}"
+    )
+    for n in sorted(common, key=lambda n: -ratio[n])[:top]:
+        print(f"  {ratio[n]:.2f}  {n.split(';')[0]}")
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--ranges":  # bench/int8_gem.py --ranges A.tflite B.tflite
+        compare_ranges(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", choices=sorted(DATA))
-    ap.add_argument("variants", nargs="+", help="plain, biascorr, nolines, deny:" + "|".join(DENY_GROUPS))
+    ap.add_argument("variants", nargs="+", choices=VARIANTS, metavar="VARIANT", help=", ".join(VARIANTS))
     args = ap.parse_args()
-    for v in args.variants:
-        if v not in ("plain", "biascorr", "nolines") and v[5:] not in DENY_GROUPS:
-            ap.error(f"unknown variant {v!r}")
     d = pictures(args.data)
     model = feature_model()
     f = float_embeddings(args.data, model, d)
