@@ -31,13 +31,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("YUGAMI_SHARED", ROOT.parent / "shared"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import RESULTS, SHARED, load_npz
+
 CACHE = Path(os.environ.get("INT8_GEM_CACHE", "/tmp/int8_gem"))
 WEIGHTS = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
 DATA = {"tile": SHARED / "data/magnetic_tile", "screw": SHARED / "data/mvtec_screw"}
-OUT = ROOT / "bench" / "results" / "int8_gem.jsonl"
+OUT = RESULTS / "int8_gem.jsonl"
 SIZE, P, N_REP, SEED = 448, 3.0, 300, 0
 # variant: (bias correction, calibration set)
 VARIANTS = {"plain": (False, "rep"), "lines": (True, "rep"), "nolines": (True, "rep_plain")}
@@ -48,9 +49,8 @@ def pictures(name: str) -> dict[str, np.ndarray]:
     (1 = defect), 'rep' (the trainer's int8 calibration set: fit share, every 4th with a line),
     'rep_plain' (the same pictures without lines)."""
     path = CACHE / f"{name}_{SIZE}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+    if (cached := load_npz(path)) is not None:
+        return cached
     from agent.preprocess import Preprocessing
     from trainer import anomalies, data, localize
 

@@ -26,6 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._common import load_npz
+
 SHARED = Path(os.environ.get("YUGAMI_SHARED", ROOT.parent / "shared"))
 CACHE = Path(os.environ.get("INT8_STUDY_CACHE", "/tmp/int8_study"))
 WEIGHTS = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
@@ -46,9 +49,8 @@ def cache(name: str) -> dict[str, np.ndarray]:
     """uint8 pictures: 'rep' (plain normals of the fit share), 'rep_line' (same, every 4th with a
     synthetic line, as the trainer does), 'held' (held-out normals)."""
     path = CACHE / f"{name}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+    if (cached := load_npz(path)) is not None:
+        return cached
     from agent.preprocess import Preprocessing
     from trainer import anomalies, data, localize
 
