@@ -24,12 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import load_npz
+from bench._common import SHARED, load_npz
 
-SHARED = Path(os.environ.get("YUGAMI_SHARED", ROOT.parent / "shared"))
 CACHE = Path(os.environ.get("INT8_STUDY_CACHE", "/tmp/int8_study"))
 WEIGHTS = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
 DATA = {"tile": SHARED / "data/magnetic_tile", "screw": SHARED / "data/mvtec_screw"}
