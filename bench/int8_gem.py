@@ -99,9 +99,8 @@ def gem(fmaps: np.ndarray) -> np.ndarray:
 
 def float_embeddings(name: str, model: Any, d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     path = CACHE / f"{name}_{SIZE}_float.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+    if (cached := load_npz(path)) is not None:
+        return cached
     out = {}
     for part in ("train", "test"):
         fm = [model.predict(to_float(d[part][i : i + 16]), verbose=0) for i in range(0, len(d[part]), 16)]
@@ -111,23 +110,19 @@ def float_embeddings(name: str, model: Any, d: dict[str, np.ndarray]) -> dict[st
 
 
 def int8_embeddings(model_bytes: bytes, rgb: np.ndarray) -> np.ndarray:
-    from agent.runtime import TFLiteModel
+    """Read as the agent reads a GeM bundle (the trainer's export check does the same)."""
+    from agent.bundle import EmbeddingSpec
+    from trainer.export import tflite_embeddings
 
-    tfl = TFLiteModel(model_bytes, num_threads=2)
-    info = tfl.outputs[0]
-    fmaps = []
-    for x in to_float(rgb):
-        tfl.set_input(x)
-        tfl.invoke()
-        fmaps.append(tfl.get_output(info)[0])
-    return gem(np.stack(fmaps))
+    return tflite_embeddings(model_bytes, to_float(rgb), num_threads=2, spec=EmbeddingSpec("gem", P))
 
 
 def auroc(train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Image AUROC of 1 - max cosine to a bank of every train embedding, the agent's score."""
+    from agent.scoring import cosine_scores
+    from trainer.evaluate import auroc as image_auroc
 
-    scores = 1.0 - (test @ train.T).max(axis=1)
-    return float(roc_auc_score(labels, scores))
+    return image_auroc(labels, cosine_scores(test, train)[0])
 
 
 def run_variant(name: str, variant: str, model: Any, d: dict[str, np.ndarray], f: dict[str, np.ndarray]) -> dict:
