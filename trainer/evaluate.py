@@ -128,6 +128,13 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def metrics(types: list[str], scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Ranking (AUROC), the bundle's threshold as an operating point, the best F1 any threshold
+    gives, and recall at fixed false-alarm rates (:mod:`trainer.operating`). The operating figures
+    need both good and defective images; with one class they are None. ``resolution`` is one good
+    and one defective image as a rate: a false-alarm rate below ``resolution["far"]`` is interpolated,
+    not measured."""
+    from trainer.operating import f1_max, operating_point, recall_at_far
+
     kinds = np.asarray(types)
     defect = (kinds != GOOD).astype(int)
     good_scores, bad_scores = scores[defect == 0], scores[defect == 1]
@@ -135,6 +142,24 @@ def metrics(types: list[str], scores: np.ndarray, threshold: float) -> dict[str,
     for t in sorted(set(types) - {GOOD}):
         sel = (kinds == GOOD) | (kinds == t)
         per_type[t] = auroc((kinds[sel] == t).astype(int), scores[sel])
+    operating: dict[str, Any] = dict.fromkeys(
+        (
+            "recall_at_threshold",
+            "far_at_threshold",
+            "precision_at_threshold",
+            "f1_at_threshold",
+            "f1_max",
+            "f1_max_threshold",
+            "recall_at_far",
+            "resolution",
+        )
+    )
+    if good_scores.size and bad_scores.size:
+        operating.update(operating_point(defect, scores, threshold))
+        operating.update(f1_max(defect, scores))
+        at_far = {str(far): recall_at_far(defect, scores, far) for far in (0.01, 0.05)}
+        operating["recall_at_far"] = {k: v["recall"] for k, v in at_far.items()}
+        operating["resolution"] = next(iter(at_far.values()))["resolution"]
     return {
         "image_auroc": auroc(defect, scores),
         "per_defect_auroc": per_type,
@@ -143,6 +168,7 @@ def metrics(types: list[str], scores: np.ndarray, threshold: float) -> dict[str,
         "miss_rate": float(np.mean(bad_scores <= threshold)) if bad_scores.size else None,
         "n_good": int(good_scores.size),
         "n_defect": int(bad_scores.size),
+        **operating,
     }
 
 
