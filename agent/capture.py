@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from agent.config import AgentConfig, CaptureConfig, expand_path
+from agent.config import AgentConfig, CaptureConfig
 from agent.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def make_source(cfg: AgentConfig, run_id: str) -> FrameSource:
     kind = cfg.source_kind
     src = cfg.capture.source
     if kind == "folder":
-        return FolderSource(expand_path(str(src)), cfg.storage_dir, cfg.capture)
+        return FolderSource(str(src), cfg.storage_dir, cfg.capture)  # expanded once, by the config
     return VideoCaptureSource(kind, src, cfg.capture, run_id)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import re
+import ssl
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,12 +217,35 @@ def default_storage_dir() -> Path:
     return Path(base) / "yugami-agent"
 
 
+_VAR_RE = re.compile(r"\$(\{[^}]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+
+# Every key that names a file or folder on this machine. parse_config expands ``${VAR}`` and ``~`` in
+# these once, and the expanded value is what the config holds: the service opens exactly what
+# --check-config checked, and nothing expands a path a second time.
+PATH_KEYS = (
+    "bundle",
+    "capture.source",
+    "storage.dir",
+    "mqtt.password_file",
+    "mqtt.tls.ca_file",
+    "mqtt.tls.cert_file",
+    "mqtt.tls.key_file",
+)
+
+
 def expand_path(value: str) -> str:
+    """``${VAR}``, ``$VAR`` and a leading ``~`` expanded; unset variables are left as they are."""
     return os.path.expanduser(os.path.expandvars(value))
 
 
+def unset_variables(raw: str) -> list[str]:
+    """The ``$VAR`` / ``${VAR}`` references in a path as written whose variable is not set."""
+    return [m.group(0) for m in _VAR_RE.finditer(raw) if m.group(1).strip("{}") not in os.environ]
+
+
 def read_password(path: str) -> str:
-    text = Path(expand_path(path)).read_text(encoding="utf-8")
+    """The first line of an (already expanded) password file."""
+    text = Path(path).read_text(encoding="utf-8")
     return text.splitlines()[0] if text else ""
 
 
@@ -236,7 +260,7 @@ def source_kind(source: str | int, kind: str = "auto") -> str:
         return "stream"
     if s.startswith("/dev/"):
         return "device"
-    p = Path(expand_path(s))
+    p = Path(s)
     if p.is_dir():
         return "folder"
     if p.is_file() or p.suffix.lower() in VIDEO_SUFFIXES:
@@ -419,21 +443,107 @@ def _check_mqtt(m: MqttConfig, problems: list[str]) -> None:
         problems.append(f"mqtt.homeassistant.discovery_prefix: {dp!r} is not a topic prefix")
 
 
-def _check_mqtt_files(m: MqttConfig, problems: list[str]) -> None:
+def _unset_problem(key: str, raw: str, names: list[str]) -> str:
+    text = f"{key}: {raw!r} names the unset environment variable {', '.join(names)}"
+    if key == "mqtt.password_file":
+        return (text + "; under systemd keep the unit's LoadCredential=mqtt-password line, elsewhere give a "
+                "real path")
+    return text + "; set it in the service's environment (Environment= in a drop-in) or give a real path"
+
+
+def _check_mqtt_files(m: MqttConfig, problems: list[str], unset: dict[str, str]) -> None:
     """Files named by the mqtt section must exist here (not checked when validating elsewhere)."""
-    if m.password_file:
-        p = Path(expand_path(m.password_file))
-        if "$" in str(p):
-            problems.append(
-                f"mqtt.password_file: {m.password_file!r} names an unset environment variable; under systemd "
-                "keep the unit's LoadCredential=mqtt-password line, elsewhere give a real path"
-            )
-        elif not p.is_file() or not os.access(p, os.R_OK):
+    if m.password_file and "mqtt.password_file" not in unset:
+        p = Path(m.password_file)
+        if not p.is_file() or not os.access(p, os.R_OK):
             problems.append(f"mqtt.password_file: {p} is not a readable file; create it (mode 600) or fix the path")
     for name in ("ca_file", "cert_file", "key_file"):
         value = getattr(m.tls, name)
-        if value and not Path(expand_path(value)).is_file():
+        if value and f"mqtt.tls.{name}" not in unset and not Path(value).is_file():
             problems.append(f"mqtt.tls.{name}: {value} is not a file; fix the path")
+
+
+def _path_holder(cfg: AgentConfig, key: str) -> tuple[Any, str]:
+    """The object holding a dotted key, and the attribute name."""
+    *parents, attr = key.split(".")
+    obj: Any = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    return obj, attr
+
+
+def _is_local_path(key: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    if key == "capture.source":
+        return not value.lower().startswith(STREAM_SCHEMES) and not value.isdigit()
+    return True
+
+
+def _expand_paths(cfg: AgentConfig) -> dict[str, str]:
+    """Expand every PATH_KEYS value in place, once. Returns {key: problem} for unset variables."""
+    unset: dict[str, str] = {}
+    for key in PATH_KEYS:
+        holder, attr = _path_holder(cfg, key)
+        raw = getattr(holder, attr)
+        if not _is_local_path(key, raw):
+            continue
+        setattr(holder, attr, expand_path(raw))
+        names = unset_variables(raw)
+        if names:
+            unset[key] = _unset_problem(key, raw, names)
+    return unset
+
+
+def _read_problem(key: str, path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return f"{key}: cannot read {path} ({exc.strerror or exc}); fix the path or its permissions"
+    return None
+
+
+def _tls_load_problems(t: TLSConfig) -> list[str]:
+    """Load the TLS files into an SSL context as the MQTT client will; each problem names its key."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    problems: list[str] = []
+    if t.ca_file:
+        try:
+            ctx.load_verify_locations(cafile=t.ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            problems.append(f"mqtt.tls.ca_file: {t.ca_file} holds no usable PEM CA certificate ({exc}); "
+                            "give the CA that signed the broker's certificate")
+    if t.cert_file and t.key_file:
+        try:
+            ctx.load_cert_chain(certfile=t.cert_file, keyfile=t.key_file)
+        except (ssl.SSLError, ValueError) as exc:
+            problems.append(f"mqtt.tls.cert_file / mqtt.tls.key_file: {t.cert_file} and {t.key_file} are not a "
+                            f"PEM certificate and its matching unencrypted private key ({exc})")
+    return problems
+
+
+def open_file_problems(cfg: AgentConfig) -> list[str]:
+    """Open and read every file the service will open at start (password, TLS files); each problem names
+    its key and the fix. parse_config already checked they exist; this catches permissions and contents."""
+    problems: list[str] = []
+    m = cfg.mqtt
+    if m.password_file:
+        found = _read_problem("mqtt.password_file", m.password_file)
+        if found is None:
+            try:
+                read_password(m.password_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                found = f"mqtt.password_file: cannot read {m.password_file} as text ({exc}); fix the file"
+        if found:
+            problems.append(found)
+    if m.tls.enabled:
+        tls_files = [(f"mqtt.tls.{n}", getattr(m.tls, n)) for n in ("ca_file", "cert_file", "key_file")]
+        unreadable = [p for p in (_read_problem(k, v) for k, v in tls_files if v) if p]
+        problems.extend(unreadable)
+        if not unreadable:
+            problems.extend(_tls_load_problems(m.tls))
+    return problems
 
 
 def _check_rest(cfg: AgentConfig, problems: list[str]) -> None:
@@ -480,19 +590,18 @@ def parse_config(data: Any, source: str = "config", check_files: bool = True) ->
     cfg = _build(AgentConfig, data, "", problems)
     if cfg is None or problems:
         raise ConfigError(problems, source)
-    cfg.bundle = expand_path(cfg.bundle)
-    if isinstance(cfg.capture.source, str) and not cfg.capture.source.lower().startswith(STREAM_SCHEMES):
-        cfg.capture.source = expand_path(cfg.capture.source)
-    if cfg.storage.dir:
-        cfg.storage.dir = expand_path(cfg.storage.dir)
+    unset = _expand_paths(cfg)
     _check_capture(cfg.capture, problems)
     _check_mqtt(cfg.mqtt, problems)
     _check_rest(cfg, problems)
     if check_files:
-        _check_mqtt_files(cfg.mqtt, problems)
+        problems.extend(unset.values())
+        _check_mqtt_files(cfg.mqtt, problems, unset)
+    if check_files and not problems:
+        problems.extend(open_file_problems(cfg))
     if check_files and not problems:
         _check_storage_dir(cfg, problems)
-    if check_files and not Path(cfg.bundle).is_dir():
+    if check_files and "bundle" not in unset and not Path(cfg.bundle).is_dir():
         problems.append(f"bundle: {cfg.bundle} is not a folder; point it at a bundle written by yugami-train")
     if problems:
         raise ConfigError(problems, source)
