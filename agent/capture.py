@@ -28,8 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from agent.config import AgentConfig, CaptureConfig
-from agent.preprocess import IMAGE_SUFFIXES, ImageError, load_image
+from agent.config import MIN_FRAME_SIDE, AgentConfig, CaptureConfig
+from agent.preprocess import IMAGE_SUFFIXES, ImageError, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,12 @@ class VideoCaptureSource:
         index = self._index
         self._index += 1
         source = f"{self.name}#{index}" if self.kind == "video" else self.name
-        return Frame(image=image, frame_id=f"{self.run_id}-{self._seq:06d}", source=source)
+        frame_id = f"{self.run_id}-{self._seq:06d}"
+        problem = frame_size_problem(image.shape[1], image.shape[0], self.cfg.max_pixels) if image.ndim >= 2 else (
+            f"frame of shape {image.shape} is not an image")
+        if problem:
+            return Frame(image=None, frame_id=frame_id, source=source, error=problem)
+        return Frame(image=image, frame_id=frame_id, source=source)
 
     def _end_or_fail(self) -> Frame | None:
         if self.kind != "video":
@@ -176,6 +181,158 @@ class VideoCaptureSource:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+
+
+# --- frame size before decoding ----------------------------------------------------------------------
+# cv2 has no header-only API, and a few bytes of PNG can claim 70000x70000 pixels. The size is read from
+# the file's header first; a format not recognised here is left to the decoder (whose errors are bad frames).
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xDA)}
+BYTES_PER_PIXEL_MAX = 8  # uncompressed 16-bit RGBA: no image file of N pixels needs more than this per pixel
+_FILE_SLACK_BYTES = 1 << 20  # headers, metadata, a poorly compressed small image
+
+
+def _u16(data: bytes, at: int, order: str = "big") -> int:
+    return int.from_bytes(data[at:at + 2], order)
+
+
+def _u32(data: bytes, at: int, order: str = "big") -> int:
+    return int.from_bytes(data[at:at + 4], order)
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    return _u32(data, 16), _u32(data, 20)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None  # lost in the stream: not a header we understand
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_NO_LENGTH:
+            i += 2
+            continue
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                return None
+            height, width = _u16(data, i + 5), _u16(data, i + 7)
+            return (width, height) if height else None  # height 0: given later (DNL); let the decoder see
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + _u16(data, i + 2)
+    return None
+
+
+def _bmp_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 26:
+        return None
+    if _u32(data, 14, "little") == 12:  # OS/2 BITMAPCOREHEADER
+        return _u16(data, 18, "little"), _u16(data, 20, "little")
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)
+    return abs(width), abs(height)  # negative height: stored top-down
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return _u16(data, 26, "little") & 0x3FFF, _u16(data, 28, "little") & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = _u32(data, 21, "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    tokens: list[bytes] = []
+    for line in data[:4096].split(b"\n"):
+        tokens.extend(line.split(b"#", 1)[0].split())
+        if len(tokens) >= 3:
+            break
+    if len(tokens) < 3 or not (tokens[1].isdigit() and tokens[2].isdigit()):
+        return None
+    return int(tokens[1]), int(tokens[2])
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "little" if data[:2] == b"II" else "big"
+    if len(data) < 8 or _u16(data, 2, order) != 42:
+        return None  # BigTIFF and others: left to the decoder
+    ifd = _u32(data, 4, order)
+    if ifd + 2 > len(data):
+        return None
+    found: dict[int, int] = {}
+    for n in range(min(_u16(data, ifd, order), 512)):
+        at = ifd + 2 + 12 * n
+        if at + 12 > len(data):
+            break
+        tag, kind = _u16(data, at, order), _u16(data, at + 2, order)
+        if tag in (256, 257):
+            found[tag] = _u16(data, at + 8, order) if kind == 3 else _u32(data, at + 8, order)
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (PNG, JPEG, BMP, WebP, PNM, TIFF), or None if unknown."""
+    if data.startswith(_PNG_SIG):
+        return _png_size(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    if data.startswith(b"BM"):
+        return _bmp_size(data)
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    if len(data) > 2 and data[:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
+        return _pnm_size(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(data)
+    return None
+
+
+def frame_size_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """Why a frame of this size is not inspected, or None."""
+    if width < MIN_FRAME_SIDE or height < MIN_FRAME_SIDE:
+        return f"{width}x{height} pixels is smaller than the minimum of {MIN_FRAME_SIDE}x{MIN_FRAME_SIDE}"
+    if width * height > max_pixels:
+        return (f"{width}x{height} = {width * height} pixels is over capture.max_pixels ({max_pixels}); "
+                "not decoded. Raise capture.max_pixels if frames this large are meant")
+    return None
+
+
+def decode_image_file(path: Path, max_pixels: int) -> np.ndarray:
+    """An image file as OpenCV reads it (uint8), its size checked from the header before decoding.
+
+    Raises ImageError, naming the file, for anything that is not an inspectable frame: too large (by
+    file size or by header), too small, or any decoder failure (cv2.error included).
+    """
+    size = path.stat().st_size
+    if size > max_pixels * BYTES_PER_PIXEL_MAX + _FILE_SLACK_BYTES:
+        raise ImageError(f"{path}: a file of {size} bytes is larger than any image within capture.max_pixels "
+                         f"({max_pixels}); not read")
+    data = path.read_bytes()
+    header = image_header_size(data)
+    if header is not None and (problem := frame_size_problem(*header, max_pixels)):
+        raise ImageError(f"{path}: {problem}")
+    try:
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    except (cv2.error, MemoryError, ValueError) as exc:
+        raise ImageError(f"{path}: the decoder refused it ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})") from exc
+    if frame is None or frame.ndim < 2:
+        raise ImageError(f"{path}: not a readable image (corrupt, truncated or an unsupported format)")
+    if problem := frame_size_problem(frame.shape[1], frame.shape[0], max_pixels):
+        raise ImageError(f"{path}: {problem}")
+    return to_uint8(frame, str(path))
 
 
 def _safe_id(text: str) -> str:
@@ -271,9 +428,12 @@ class FolderSource:
                 raise SourceError(f"cannot read folder {self.folder}: {exc}") from exc
             frame_id = f"{_safe_id(Path(name).stem)}-{self._file_digest(name, st)}"
             try:
-                image = load_image(path)
+                image = decode_image_file(path, self.cfg.max_pixels)
             except ImageError as exc:
                 return Frame(image=None, frame_id=frame_id, source=str(path), error=str(exc), key=name)
+            except OSError as exc:  # vanished or unreadable since the scan: this file is bad, the folder is not
+                error = f"{path}: cannot read ({exc.strerror or exc})"
+                return Frame(image=None, frame_id=frame_id, source=str(path), error=error, key=name)
             return Frame(image=image, frame_id=frame_id, source=str(path), key=name)
         return None
 

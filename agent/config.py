@@ -27,6 +27,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error; the unit's RestartPreventExit
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mjpeg", ".mjpg")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
+MIN_FRAME_SIDE = 8  # a frame narrower or lower than this in pixels is a bad frame
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -78,6 +79,12 @@ class CaptureConfig:
     reopen_backoff_max_s: float = field(default=30.0, metadata=_doc("longest wait between reopen attempts"))
     trigger_flush_frames: int = field(
         default=2, metadata=_doc("device/stream in trigger mode: stale buffered frames dropped per shot")
+    )
+    max_pixels: int = field(
+        default=40_000_000,
+        metadata=_doc(
+            "largest frame (width x height) decoded; a file whose header claims more is a bad_frame, never decoded"
+        ),
     )
 
 
@@ -397,6 +404,9 @@ def _check_capture(c: CaptureConfig, problems: list[str]) -> None:
     _positive(problems, "capture.trigger_flush_frames", c.trigger_flush_frames, allow_zero=True)
     for name in ("width", "height"):
         _positive(problems, f"capture.{name}", getattr(c, name))
+    if c.max_pixels < MIN_FRAME_SIDE * MIN_FRAME_SIDE:
+        problems.append(f"capture.max_pixels: {c.max_pixels} is below the smallest frame "
+                        f"({MIN_FRAME_SIDE}x{MIN_FRAME_SIDE}); use the frame size with room to spare, e.g. 40000000")
     if c.reopen_backoff_max_s < c.reopen_backoff_s:
         problems.append("capture.reopen_backoff_max_s: must be at least capture.reopen_backoff_s")
     kind = source_kind(c.source, c.kind)
