@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.patches import SCORINGS, Fusion, PatchBank, PatchSpec
 from agent.preprocess import Preprocessing
 from agent.runtime import TensorInfo, TFLiteModel
 
@@ -33,6 +34,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "embedder.tflite"
 BANK_FILE = "bank.npz"
 HEAD_FILE = "head.npz"
+PATCH_BANK_FILE = "patch_bank.npz"
 REQUIRED_KEYS = ("format_version", "model", "preprocessing", "tflite", "embedding_dim", "bank", "threshold", "files")
 
 
@@ -93,6 +95,13 @@ class Bundle:
     manifest_sha256: str
     head: dict[str, np.ndarray] = field(default_factory=dict)
     embedding: EmbeddingSpec = field(default_factory=EmbeddingSpec)
+    scoring: str = "embedding"  # "embedding": 1 - max cosine; "patch": worst cell; "fused": both (agent.patches)
+    patch: PatchSpec | None = None
+    patch_outputs: tuple[TensorInfo, ...] = ()
+    patch_bank: PatchBank | None = None
+    fusion: Fusion | None = None
+    map_floor: float = 0.0  # patch distance shown as the coldest colour of the anomaly map
+    map_top: float = 1.0  # patch distance shown as the hottest
 
     @property
     def name(self) -> str:
@@ -229,6 +238,68 @@ def _check_model(
     return emb, fmap
 
 
+@dataclass(frozen=True)
+class PatchParts:
+    scoring: str = "embedding"
+    spec: PatchSpec | None = None
+    outputs: tuple[TensorInfo, ...] = ()
+    bank: PatchBank | None = None
+    fusion: Fusion | None = None
+    map_floor: float = 0.0
+    map_top: float = 1.0
+
+
+def _finite(root: Path, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise _fail(root / MANIFEST, f"'{key}' must be a finite number, not {value!r}; re-export the bundle")
+    return float(value)
+
+
+def _check_patch(root: Path, manifest: dict[str, Any], model: TFLiteModel, contents: dict[str, bytes]) -> PatchParts:
+    """The patch scorer of a bundle that has one (manifest keys ``scoring`` and ``patch``)."""
+    scoring_entry = manifest.get("scoring")
+    if scoring_entry is None:
+        return PatchParts()
+    if not isinstance(scoring_entry, dict) or scoring_entry.get("method") not in (*SCORINGS, "embedding"):
+        raise _fail(root / MANIFEST, f"'scoring.method' must be one of {[*SCORINGS, 'embedding']}")
+    method = str(scoring_entry["method"])
+    if method in ("gem", "embedding"):
+        return PatchParts(scoring="embedding")
+    try:
+        spec = PatchSpec.from_manifest(manifest.get("patch"))
+        fusion = Fusion.from_manifest(scoring_entry.get("fusion")) if method == "fused" else None
+    except ValueError as exc:
+        raise _fail(root / MANIFEST, f"bad patch scoring entry: {exc}") from exc
+    outputs_entry = manifest["tflite"].get("outputs", {})
+    outputs = []
+    for role in spec.outputs:
+        if role not in outputs_entry:
+            raise _fail(root / MANIFEST, f"patch.outputs names {role!r} but tflite.outputs has no such entry")
+        info = _find_output(root, model, outputs_entry[role], role)
+        if len(info.shape) != 4:
+            raise _fail(root / MODEL_FILE, f"patch output {role} has shape {info.shape}; it must be (1, h, w, c)")
+        outputs.append(info)
+    if PATCH_BANK_FILE not in contents:
+        raise _fail(root / MANIFEST, f"patch scoring needs {PATCH_BANK_FILE}, and the manifest's 'files' lacks it")
+    arrays = _load_npz(root, PATCH_BANK_FILE, contents[PATCH_BANK_FILE])
+    rows = arrays.get("bank")
+    dim = sum(int(o.shape[-1]) for o in outputs)
+    if rows is None or rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] != dim:
+        shape = None if rows is None else rows.shape
+        raise _fail(root / PATCH_BANK_FILE, f"'bank' must be (N > 0, {dim}) for these patch outputs, got {shape}")
+    rows = rows.astype(np.float32)
+    if not np.all(np.isfinite(rows)):
+        raise _fail(root / PATCH_BANK_FILE, "the patch bank holds non-finite values")
+    display = manifest["patch"].get("map", {})
+    if not isinstance(display, dict):
+        raise _fail(root / MANIFEST, "'patch.map' must be an object with 'floor' and 'top'")
+    floor = _finite(root, "patch.map.floor", display.get("floor", 0.0))
+    top = _finite(root, "patch.map.top", display.get("top", 1.0))
+    if top <= floor:
+        raise _fail(root / MANIFEST, f"'patch.map.top' {top} must be above 'patch.map.floor' {floor}")
+    return PatchParts(method, spec, tuple(outputs), PatchBank.of(rows), fusion, floor, top)
+
+
 def load_bundle(path: str | Path, num_threads: int | None = None) -> Bundle:
     """Read and verify a bundle; raise BundleError on any problem."""
     root = Path(path)
@@ -249,12 +320,12 @@ def load_bundle(path: str | Path, num_threads: int | None = None) -> Bundle:
     except (ValueError, RuntimeError) as exc:
         raise _fail(root / MODEL_FILE, f"the TFLite runtime cannot load it ({exc})") from exc
     emb, fmap = _check_model(root, manifest, model, pre, spec)
+    parts = _check_patch(root, manifest, model, contents)
     threshold = manifest["threshold"]
-    try:
-        value = float(threshold["value"])
-        scale = float(threshold.get("scale") or max(abs(value) * 0.1, 1e-6))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _fail(root / MANIFEST, f"bad 'threshold' entry: {exc}") from exc
+    if not isinstance(threshold, dict) or "value" not in threshold:
+        raise _fail(root / MANIFEST, "'threshold' must be an object with a 'value'; re-export the bundle")
+    value = _finite(root, "threshold.value", threshold["value"])
+    scale = _finite(root, "threshold.scale", threshold.get("scale") or max(abs(value) * 0.1, 1e-6))
     return Bundle(
         path=root,
         manifest=manifest,
@@ -268,6 +339,13 @@ def load_bundle(path: str | Path, num_threads: int | None = None) -> Bundle:
         manifest_sha256=sha256_bytes(raw_manifest),
         head=head,
         embedding=spec,
+        scoring=parts.scoring,
+        patch=parts.spec,
+        patch_outputs=parts.outputs,
+        patch_bank=parts.bank,
+        fusion=parts.fusion,
+        map_floor=parts.map_floor,
+        map_top=parts.map_top,
     )
 
 
@@ -285,6 +363,7 @@ def write_bundle(
     manifest: dict[str, Any],
     head: dict[str, np.ndarray] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    patch_bank: np.ndarray | None = None,
 ) -> Path:
     """Write a bundle atomically: files go into a temporary sibling folder that replaces ``out_dir``.
 
@@ -297,8 +376,17 @@ def write_bundle(
     files: dict[str, bytes] = {MODEL_FILE: model_bytes, BANK_FILE: npz_bytes({"bank": bank16})}
     if head:
         files[HEAD_FILE] = npz_bytes({k: np.asarray(v) for k, v in head.items()})
+    if patch_bank is not None:
+        patch16 = np.asarray(patch_bank, dtype=np.float16)
+        files[PATCH_BANK_FILE] = npz_bytes({"bank": patch16})
     files.update(extra_files or {})
     full = dict(manifest)
+    if patch_bank is not None:
+        full["patch"] = {
+            **manifest.get("patch", {}),
+            "bank": {"file": PATCH_BANK_FILE, "count": int(patch16.shape[0]), "dim": int(patch16.shape[1]),
+                     "dtype": "float16"},
+        }
     full["format_version"] = FORMAT_VERSION
     full["model"] = {**manifest.get("model", {}), "created": dt.datetime.now(dt.timezone.utc).isoformat()}
     full["bank"] = {

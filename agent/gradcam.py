@@ -299,3 +299,45 @@ def grid_image(
                 grid, text, (x + 2, y + tile_size + cap - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA
             )
     return grid
+
+
+def patch_cam(bundle: Bundle, embedding: Embedding) -> np.ndarray:
+    """The patch anomaly map (gh, gw) above the bundle's floor (a normal frame's worst cell): what the
+    overlay colours. Raises GradCamError when the bundle scores no patches."""
+    if embedding.patch_map is None:
+        raise GradCamError(f"bundle {bundle.path}: no patch anomaly map (the bundle has no patch scoring)")
+    return np.maximum(np.asarray(embedding.patch_map, np.float32) - np.float32(bundle.map_floor), 0.0)
+
+
+def patch_legend(width: int, bundle: Bundle) -> np.ndarray:
+    """Colour bar of the patch map: the floor (a normal frame's worst cell) to the bundle's top."""
+    bar = np.full((LEGEND_HEIGHT, width, 3), 255, np.uint8)
+    bar[:8] = colorize(np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :].repeat(8, axis=0))
+    font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.3
+    cv2.putText(bar, "normal", (1, LEGEND_HEIGHT - 2), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    top = f"patch dist {bundle.map_top:.3g}"
+    (tw, _), _ = cv2.getTextSize(top, font, fs, 1)
+    cv2.putText(bar, top, (max(width - tw - 1, 0), LEGEND_HEIGHT - 2), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    return bar
+
+
+def patch_overlay_image(bundle: Bundle, embedding: Embedding, with_legend: bool = True) -> np.ndarray:
+    """RGB uint8: the patch anomaly map over the prepared frame, on the bundle's fixed scale."""
+    scale = max(bundle.map_top - bundle.map_floor, 1e-12)
+    picture = overlay_image(embedding.rgb, patch_cam(bundle, embedding), bundle, with_legend=False, scale=scale)
+    return np.vstack([picture, patch_legend(picture.shape[1], bundle)]) if with_legend else picture
+
+
+def inspection_image(bundle: Bundle, embedding: Embedding, nearest: int) -> np.ndarray:
+    """What ``cmd/gradcam`` publishes: the Grad-CAM overlay, and beside it the patch anomaly map
+    where the bundle has one (the map the fused score's patch half comes from)."""
+    cam = overlay_image(embedding.rgb, anomaly_cam(bundle, embedding, nearest), bundle)
+    if embedding.patch_map is None:
+        return cam
+    gap = np.full((cam.shape[0], 4, 3), 255, np.uint8)
+    return np.hstack([cam, gap, patch_overlay_image(bundle, embedding)])
+
+
+def inspection_jpeg(bundle: Bundle, embedding: Embedding, nearest: int, quality: int = 85) -> bytes:
+    """JPEG bytes of :func:`inspection_image`."""
+    return encode_jpeg(inspection_image(bundle, embedding, nearest), quality)

@@ -1,7 +1,10 @@
 """Embed a frame, score it against the normal bank, decide.
 
-score = 1 - max cosine similarity between the frame's embedding and the bank of normal embeddings.
-The verdict is "anomaly" when score > threshold. Confidence is the confidence in the verdict given:
+score = 1 - max cosine similarity between the frame's embedding and the bank of normal embeddings
+(bundles without a ``scoring`` entry, and ``scoring.method: gem``); with ``patch`` the largest
+distance of a cell's patch feature to the patch bank (agent.patches); with ``fused`` (the trainer's
+default) the mean of the two, each standardised on normal pictures. The verdict is "anomaly" when
+score > threshold. Confidence is the confidence in the verdict given:
 p = logistic((score - threshold) / scale) is how anomalous the frame looks, and the confidence is p
 for an "anomaly" verdict and 1 - p for "ok"; both are exactly 0.5 at the threshold.
 """
@@ -16,6 +19,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import Bundle, EmbeddingSpec
+from agent.patches import nearest_distances, patch_features
 from agent.preprocess import prepare_rgb, scale_to_float
 from agent.runtime import TensorInfo, TFLiteModel, quantize
 
@@ -25,6 +29,7 @@ class Embedding:
     vector: np.ndarray  # (D,), L2-normalised
     feature_map: np.ndarray | None  # (h, w, C) float, when the model exports it
     rgb: np.ndarray  # the prepared HxWx3 uint8 picture the model saw
+    patch_map: np.ndarray | None = None  # (gh, gw) distance of each cell to its nearest normal patch
 
 
 @dataclass(frozen=True)
@@ -35,15 +40,19 @@ class ScoreResult:
     confidence: float
     latency_ms: float
     nearest: int  # index of the nearest bank vector
+    components: dict[str, float] | None = None  # fused bundles: the GeM and patch scores it was made of
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "score": round(self.score, 6),
             "threshold": round(self.threshold, 6),
             "verdict": self.verdict,
             "confidence": round(self.confidence, 4),
             "latency_ms": round(self.latency_ms, 3),
         }
+        if self.components:
+            d["components"] = {k: round(v, 6) for k, v in self.components.items()}
+        return d
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -136,17 +145,35 @@ class Scorer:
             b.model.set_input(scale_to_float(rgb, b.preprocessing))
         b.model.invoke()
         vector, fmap = read_embedding(b.model, b.embedding, b.embedding_output, b.feature_map_output)
-        return Embedding(vector=vector, feature_map=fmap, rgb=rgb)
+        return Embedding(vector=vector, feature_map=fmap, rgb=rgb, patch_map=self._patch_map())
+
+    def _patch_map(self) -> np.ndarray | None:
+        b = self.bundle
+        if b.patch is None or b.patch_bank is None:
+            return None
+        features = patch_features([b.model.get_output(o) for o in b.patch_outputs], b.patch.grid, b.patch.smoothing)
+        return nearest_distances(features, b.patch_bank).reshape(b.patch.grid)
 
     def score_embedding(self, vector: np.ndarray) -> tuple[float, int]:
         scores, nearest = cosine_scores(vector, self.bundle.bank)
         return float(scores[0]), int(nearest[0])
 
+    def score_frame(self, emb: Embedding) -> tuple[float, int, dict[str, float] | None]:
+        """(the bundle's score, nearest bank index, the components of a fused score or None)."""
+        gem, nearest = self.score_embedding(emb.vector)
+        b = self.bundle
+        if b.scoring == "embedding" or emb.patch_map is None:
+            return gem, nearest, None
+        patch = float(emb.patch_map.max())
+        if b.scoring == "patch" or b.fusion is None:
+            return patch, nearest, None
+        return float(b.fusion.fuse(gem, patch)), nearest, {"gem": gem, "patch": patch}
+
     def score(self, frame: np.ndarray, name: str = "frame") -> tuple[ScoreResult, Embedding]:
         t0 = time.perf_counter()
         emb = self.embed(frame, name)
-        score, nearest = self.score_embedding(emb.vector)
+        score, nearest, components = self.score_frame(emb)
         verdict, confidence = decide(score, self.bundle.threshold, self.bundle.score_scale)
         latency = (time.perf_counter() - t0) * 1000.0
-        result = ScoreResult(score, self.bundle.threshold, verdict, confidence, latency, nearest)
+        result = ScoreResult(score, self.bundle.threshold, verdict, confidence, latency, nearest, components)
         return result, emb

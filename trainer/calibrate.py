@@ -66,3 +66,121 @@ def held_out_stats(scores: np.ndarray, threshold: float) -> dict[str, Any]:
         "max": float(scores.max()),
         "false_alarm_rate": float(np.mean(scores > threshold)),
     }
+
+
+DEFAULT_FOLDS = 5
+TAIL_SHARE = 0.1  # the upper 10 % of normal scores model the tail (peaks over threshold)
+MIN_EXCEEDANCES = 10  # fewer than this and the tail fit is not trusted: empirical quantile instead
+SHAPE_BOUNDS = (-0.5, 0.5)  # generalised Pareto shape kept in a range a few dozen points can support
+BOOTSTRAP = 200
+
+
+def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """``folds`` disjoint, seeded, near-equal index sets covering range(n)."""
+    if n < 2:
+        raise ValueError("calibration needs at least 2 normal pictures")
+    k = max(2, min(folds, n))
+    order = np.random.default_rng([seed, 5]).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, k)]
+
+
+def _fit_tail(exceedances: np.ndarray) -> tuple[float, float]:
+    """(shape, scale) of a generalised Pareto fitted to the exceedances, shape kept in SHAPE_BOUNDS."""
+    from scipy import stats
+
+    shape, _, scale = stats.genpareto.fit(exceedances, floc=0.0)
+    if not SHAPE_BOUNDS[0] <= shape <= SHAPE_BOUNDS[1] or not np.isfinite(scale):
+        shape = float(np.clip(np.nan_to_num(shape), *SHAPE_BOUNDS))
+        _, _, scale = stats.genpareto.fit(exceedances, fc=shape, floc=0.0)
+    return float(shape), float(max(scale, 1e-12))
+
+
+def _tail_far(scores: np.ndarray, threshold: float) -> float:
+    """The false-alarm rate at ``threshold`` that a tail fitted to ``scores`` predicts."""
+    from scipy import stats
+
+    u = float(np.quantile(scores, 1.0 - TAIL_SHARE))
+    exc = scores[scores > u] - u
+    if exc.size < MIN_EXCEEDANCES or threshold <= u:
+        return float(np.mean(scores > threshold))
+    shape, scale = _fit_tail(exc)
+    return float(exc.size / scores.size * stats.genpareto.sf(threshold - u, shape, 0.0, scale))
+
+
+def tail_threshold(scores: np.ndarray, far: float = DEFAULT_FAR, seed: int = 0) -> dict[str, Any]:
+    """The manifest's ``threshold`` entry from normal scores, by modelling their upper tail.
+
+    The top TAIL_SHARE of the scores, less the quantile u where that share starts, are fitted with a
+    generalised Pareto distribution (peaks over threshold, the standard model of a distribution's
+    tail); the threshold is where the fitted tail leaves ``far`` of normal pictures above it. An
+    empirical quantile at 1 % of 300 pictures rests on the 3 highest scores; the fit uses the top 30.
+    The uncertainty: the same fit on bootstrap resamples predicts a false-alarm rate at this
+    threshold each; their median and 5-95 % range go into the manifest.
+    """
+    from scipy import stats
+
+    s = np.sort(np.asarray(scores, np.float64).reshape(-1))
+    if not 0.0 < far < 1.0:
+        raise ValueError(f"target false-alarm rate {far} must be in (0, 1)")
+    u = float(np.quantile(s, 1.0 - TAIL_SHARE))
+    exc = s[s > u] - u
+    entry: dict[str, Any]
+    if exc.size >= MIN_EXCEEDANCES and far < TAIL_SHARE:
+        shape, scale = _fit_tail(exc)
+        zeta = exc.size / s.size
+        value = u + float(stats.genpareto.ppf(1.0 - far / zeta, shape, 0.0, scale))
+        method = "generalised Pareto fit to the upper 10 % of out-of-fold normal scores, at the target rate"
+        entry = {"tail": {"u": u, "shape": shape, "scale": scale, "exceedances": int(exc.size)}}
+    else:
+        value = float(np.quantile(s, 1.0 - far, method="higher"))
+        method = "empirical quantile of out-of-fold normal scores (too few for a tail fit)"
+        entry = {}
+    rng = np.random.default_rng([seed, 31])
+    boot = np.array([_tail_far(np.sort(rng.choice(s, s.size)), value) for _ in range(BOOTSTRAP)])
+    return {
+        "value": float(value),
+        "scale": float(max(s.std(), 1e-6)),
+        "method": method,
+        "target_false_alarm_rate": far,
+        "expected_false_alarm_rate": {
+            "estimate": float(np.median(boot)),
+            "interval_90": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
+            "how": f"the tail fit on {BOOTSTRAP} bootstrap resamples of the normal scores",
+        },
+        **entry,
+        "normals": held_out_stats(s, value),
+    }
+
+
+def out_of_fold_scores(
+    emb: np.ndarray,
+    patch_feats: np.ndarray | None,
+    folds: list[np.ndarray],
+    patch_rows: int,
+    bank_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Every normal picture scored against banks built without its fold, the same way and to the same
+    size as the banks that ship: what a new normal frame scores on the device. Keys ``gem`` (1 - max
+    cosine, (n,)) and, with patch features, ``patch`` (largest cell distance, (n,)) and ``cells``
+    (every cell's distance, (n, cells))."""
+    from agent.patches import PatchBank, nearest_distances
+    from agent.scoring import cosine_scores
+    from trainer.bank import build_bank, patch_coreset
+
+    n = emb.shape[0]
+    gem = np.zeros(n)
+    out: dict[str, np.ndarray] = {"gem": gem}
+    if patch_feats is not None:
+        out["cells"] = np.zeros(patch_feats.shape[:2], np.float32)
+    for i, fold in enumerate(folds):
+        others = np.concatenate([f for j, f in enumerate(folds) if j != i])
+        bank, _ = build_bank(emb[others], bank_size)
+        gem[fold] = cosine_scores(emb[fold], bank.astype(np.float32))[0]
+        if "cells" in out:
+            patch_bank = PatchBank.of(patch_coreset(patch_feats[others], patch_rows, seed))
+            for k in fold:
+                out["cells"][k] = nearest_distances(patch_feats[k].astype(np.float32), patch_bank)
+    if "cells" in out:
+        out["patch"] = out["cells"].max(axis=1).astype(np.float64)
+    return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from agent.bundle import Bundle, BundleError, load_bundle
@@ -54,7 +55,7 @@ def embed_and_score(bundle: Bundle, test: dict[str, list[Path]], progress: bool 
 def with_float_model(bundle: Bundle, model_path: Path, num_threads: int | None = None) -> Bundle:
     """The bundle with its int8 model replaced by a float TFLite of the same embedder; bank,
     threshold and preprocessing stay the bundle's, so the two read the same way through the Scorer."""
-    from trainer.export import output_roles
+    from trainer.export import output_roles, patch_roles
 
     try:
         model = TFLiteModel(model_path, num_threads=num_threads)
@@ -73,18 +74,32 @@ def with_float_model(bundle: Bundle, model_path: Path, num_threads: int | None =
             f"{bundle.embedding.pooling} embedding of dimension {bundle.embedding_dim}; give the file "
             "yugami-train --save-float wrote with this bundle"
         )
+    patch_outputs = tuple(roles[r] for r in patch_roles(roles))
+    if bundle.patch is not None and [o.shape for o in patch_outputs] != [o.shape for o in bundle.patch_outputs]:
+        raise BundleError(
+            f"--float-model {model_path}: patch outputs {[o.shape for o in patch_outputs]} differ from the bundle's "
+            f"{[o.shape for o in bundle.patch_outputs]}; give the file yugami-train --save-float wrote with this bundle"
+        )
     return dataclasses.replace(
-        bundle, model=model, embedding_output=roles.get("embedding"), feature_map_output=roles.get("feature_map")
+        bundle,
+        model=model,
+        embedding_output=roles.get("embedding"),
+        feature_map_output=roles.get("feature_map"),
+        patch_outputs=patch_outputs if bundle.patch is not None else (),
     )
 
 
-def with_float_bank(bundle: Bundle, train: list[Path], progress: bool = False) -> tuple[Bundle, dict[str, Any]]:
-    """``bundle`` (already holding the float model) with bank and threshold rebuilt from its own
-    embeddings, the way the trainer built the int8 ones (:func:`trainer.calibrate.bank_and_threshold`):
-    the same fit / held-out split of train/good (the manifest's holdout and seed), k-center to the
-    same bank size, the held-out quantile at the same false-alarm target. Float test embeddings
-    against the int8 bank would measure the int8-vs-float offset, not the features (screw,
-    ImageNet: 0.70 instead of 0.81)."""
+def with_float_bank(
+    bundle: Bundle, train: list[Path], progress: bool = False, model_path: Path | None = None
+) -> tuple[Bundle, dict[str, Any]]:
+    """``bundle`` (already holding the float model) with banks and threshold rebuilt from its own
+    features, the way the trainer built the int8 ones: bundles with a ``scoring`` entry through
+    :func:`trainer.train.calibrate_bundle` (folds, patch coreset, fusion, tail threshold, the
+    manifest's settings), older ones through :func:`trainer.calibrate.bank_and_threshold` (the same
+    fit / held-out split). Float test features against int8 banks would measure the int8-vs-float
+    offset, not the features (screw, ImageNet: 0.70 instead of 0.81)."""
+    if bundle.manifest.get("scoring") is not None and model_path is not None:
+        return _float_recalibrated(bundle, train, model_path, progress)
     from tqdm import tqdm
 
     from trainer.calibrate import DEFAULT_FAR, bank_and_threshold
@@ -108,6 +123,89 @@ def with_float_bank(bundle: Bundle, train: list[Path], progress: bool = False) -
     }
     bundle = dataclasses.replace(bundle, bank=bank, threshold=threshold["value"], score_scale=threshold["scale"])
     return bundle, info
+
+
+def _float_recalibrated(
+    bundle: Bundle, train: list[Path], model_path: Path, progress: bool
+) -> tuple[Bundle, dict[str, Any]]:
+    from agent.patches import Fusion, PatchBank
+    from trainer.data import load_prepared, to_model_input
+    from trainer.export import tflite_features
+    from trainer.train import TrainConfig, calibrate_bundle
+
+    settings = bundle.manifest.get("training", {}).get("settings", {})
+    keys = ("scoring", "folds", "patch_bank_rows", "far", "seed", "bank_size")
+    cfg = TrainConfig(data_dir=Path("."), out=Path("."), **{k: settings[k] for k in keys if k in settings})
+    x = to_model_input(load_prepared(train, bundle.preprocessing), bundle.preprocessing)
+    emb, patches = tflite_features(
+        model_path.read_bytes(), x, spec=bundle.embedding, patches=bundle.patch is not None, progress=progress
+    )
+    cal = calibrate_bundle(cfg, emb, patches)
+    bank = cal.bank.astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    fusion = cal.manifest["scoring"].get("fusion")
+    display = cal.manifest.get("patch", {}).get("map", {})
+    bundle = dataclasses.replace(
+        bundle,
+        bank=bank,
+        patch_bank=PatchBank.of(cal.patch_bank.astype(np.float32)) if cal.patch_bank is not None else None,
+        fusion=Fusion.from_manifest(fusion) if fusion else None,
+        threshold=cal.threshold["value"],
+        score_scale=cal.threshold["scale"],
+        map_floor=display.get("floor", bundle.map_floor),
+        map_top=display.get("top", bundle.map_top),
+    )
+    info = {
+        "bank": f"float features of train/good ({len(train)}), calibrated as the trainer does ({cfg.scoring})",
+        "threshold_source": cal.threshold["method"],
+    }
+    return bundle, info
+
+
+PIXEL_EVAL_PX = 256  # maps and masks compared at this long side (MVTec practice): bounded memory and time
+
+
+def _mask(data_dir: Path, kind: str, path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    if kind == GOOD:
+        return None
+    mpath = data_dir / "ground_truth" / kind / f"{path.stem}_mask.png"
+    m = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DataError(f"{mpath}: missing or unreadable mask; ground_truth/ must hold one per defect picture")
+    return cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 127
+
+
+def pixel_metrics(bundle: Bundle, data_dir: Path, test: dict[str, list[Path]], progress: bool = False):
+    """Pixel AUROC and AUPRO (to 30 % FPR) of the patch anomaly map and of Grad-CAM against
+    ``ground_truth/<type>/<name>_mask.png``; None without ground truth (or with an ROI, whose maps
+    do not cover the whole picture)."""
+    from tqdm import tqdm
+
+    from agent.gradcam import anomaly_cam, upsample
+    from trainer.operating import aupro, pixel_auroc
+
+    if not (data_dir / "ground_truth").is_dir() or bundle.preprocessing.roi is not None:
+        return None
+    scorer = Scorer(bundle)
+    masks: list[np.ndarray | None] = []
+    maps: dict[str, list[np.ndarray]] = {"anomaly_map": [], "gradcam": []}
+    items = [(t, p) for t in sorted(test) for p in test[t]]
+    for kind, path in tqdm(items, desc="pixel maps", unit="img", disable=not progress):
+        frame = load_image(path)
+        h, w = frame.shape[:2]
+        f = min(1.0, PIXEL_EVAL_PX / max(h, w))
+        size = (max(1, round(h * f)), max(1, round(w * f)))
+        result, emb = scorer.score(frame, name=str(path))
+        masks.append(_mask(data_dir, kind, path, size))
+        if emb.patch_map is not None:
+            maps["anomaly_map"].append(upsample(emb.patch_map, size))
+        if emb.feature_map is not None:
+            maps["gradcam"].append(upsample(anomaly_cam(bundle, emb, result.nearest), size))
+    out: dict[str, Any] = {"compared_at": f"long side {PIXEL_EVAL_PX} px", "images": len(items)}
+    for name, m in maps.items():
+        if len(m) == len(masks):
+            out[name] = {"pixel_auroc": pixel_auroc(masks, m), "aupro": aupro(masks, m)}
+    return out
 
 
 def lof_scores(bank: np.ndarray, embeddings: np.ndarray, neighbours: int = 20) -> tuple[np.ndarray, float]:
@@ -234,7 +332,7 @@ def evaluate(
     float_bundle = with_float_model(bundle, float_model, num_threads) if float_model is not None else None
     float_info: dict[str, Any] = {}
     if float_bundle is not None:
-        float_bundle, float_info = with_float_bank(float_bundle, ds.train, progress=progress)
+        float_bundle, float_info = with_float_bank(float_bundle, ds.train, progress=progress, model_path=float_model)
     scored = embed_and_score(bundle, ds.test, progress=progress)
     scores, threshold = _scores(bundle, scored, scorer)
     result = {
@@ -249,8 +347,21 @@ def evaluate(
         f_scored = embed_and_score(float_bundle, ds.test, progress=progress)
         f_scores, f_threshold = _scores(float_bundle, f_scored, scorer)
         result["float"] = {"model": str(float_model), **float_info, **metrics(f_scored.types, f_scores, f_threshold)}
+    pixels = pixel_metrics(bundle, Path(data_dir), ds.test, progress=progress)
+    if pixels is not None:
+        result["pixel"] = pixels
+        for name in ("anomaly_map", "gradcam"):
+            if name in pixels:
+                result[f"pixel_auroc_{name}"] = pixels[name]["pixel_auroc"]
+                result[f"aupro_{name}"] = pixels[name]["aupro"]
+        # the map the box shows first: the patch anomaly map where the bundle has one
+        best = pixels.get("anomaly_map") or pixels.get("gradcam") or {}
+        result["pixel_auroc"], result["aupro"] = best.get("pixel_auroc"), best.get("aupro")
     if plots_dir is not None:
         result["plots"] = [str(p) for p in write_plots(plots_dir, scored.types, scores, threshold, bundle.name)]
+        if bundle.patch is not None:
+            grid = write_gradcam_grid(bundle, ds.test, plots_dir / "anomaly_map_grid.jpg", patch_map=True)
+            result["plots"].append(str(grid))
         if bundle.feature_map_output is not None:  # heat maps need the contract's feature_map output
             result["plots"].append(str(write_gradcam_grid(bundle, ds.test, plots_dir / "gradcam_grid.jpg")))
     if json_path is not None:

@@ -151,6 +151,7 @@ def bias_corrected(model: Any, inputs: np.ndarray, batch: int = 8) -> Any:
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    _correct_nested(copy, inputs, batch)
     pairs = _conv_pairs(copy)
     if not pairs:
         return copy
@@ -165,6 +166,18 @@ def bias_corrected(model: Any, inputs: np.ndarray, batch: int = 8) -> Any:
         max(float(np.abs(o).max()) for o in offsets),
     )
     return copy
+
+
+def _correct_nested(model: Any, inputs: np.ndarray, batch: int) -> None:
+    """Bias-correct, in place, every model nested in ``model`` as one layer (the patch trunk) on the
+    activations that reach it: its convs are not among ``model``'s own layers."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            probe = keras.Model(model.inputs, layer._inbound_nodes[0].input_tensors[0])
+            reaching = np.asarray(probe.predict(np.asarray(inputs, np.float32), batch_size=batch, verbose=0))
+            layer.set_weights(bias_corrected(layer, reaching, batch).get_weights())
 
 
 def _quiet_convert(converter: Any) -> bytes:
@@ -184,17 +197,29 @@ def export_float(model: Any) -> bytes:
 
 
 def output_roles(tflite: TFLiteModel) -> dict[str, TensorInfo]:
-    """Which output is the embedding (rank 2) and which the last conv feature map (rank 4); a GeM
-    model has only the feature map."""
+    """Which output is the embedding (rank 2), which the last conv feature map (the rank-4 output with
+    the most channels: 1280 for MobileNetV2) and which the patch maps (the other rank-4 outputs,
+    ``patch_0`` the highest resolution); a GeM model has no embedding output."""
     roles: dict[str, TensorInfo] = {}
+    maps = []
     for info in tflite.outputs:
         if len(info.shape) == 2:
             roles["embedding"] = info
         elif len(info.shape) == 4:
-            roles["feature_map"] = info
+            maps.append(info)
+    if maps:
+        maps.sort(key=lambda i: i.shape[-1], reverse=True)
+        roles["feature_map"] = maps[0]
+        for i, info in enumerate(sorted(maps[1:], key=lambda i: i.shape[1] * i.shape[2], reverse=True)):
+            roles[f"patch_{i}"] = info
     if not roles:
         raise ValueError(f"no rank-2 embedding or rank-4 feature map among {[o.shape for o in tflite.outputs]}")
     return roles
+
+
+def patch_roles(roles: dict[str, TensorInfo]) -> list[str]:
+    """The patch map roles of :func:`output_roles`, highest resolution first."""
+    return sorted((r for r in roles if r.startswith("patch_")), key=lambda r: int(r.split("_")[1]))
 
 
 def tflite_manifest(model_bytes: bytes) -> dict[str, Any]:
@@ -218,15 +243,37 @@ def tflite_embeddings(
 ) -> np.ndarray:
     """L2-normalised embeddings (N, D) of float inputs (N, H, W, 3) through the TFLite runtime,
     read by the agent's own :func:`agent.scoring.read_embedding` (``spec``: the bundle's pooling)."""
+    return tflite_features(model_bytes, inputs, num_threads, spec, patches=False)[0]
+
+
+def tflite_features(
+    model_bytes: bytes,
+    inputs: np.ndarray,
+    num_threads: int | None = None,
+    spec: EmbeddingSpec | None = None,
+    patches: bool = True,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embeddings (N, D) float32, patch features (N, cells, Dp) float16 or None) of float inputs,
+    read exactly as the agent reads a frame (:func:`agent.scoring.read_embedding`,
+    :func:`agent.patches.patch_features`); patch features only when the model has patch outputs."""
+    from tqdm import tqdm
+
+    from agent.patches import grid_for, patch_features
+
     tfl = TFLiteModel(model_bytes, num_threads=num_threads)
     roles = output_roles(tfl)
     spec = spec or EmbeddingSpec()
-    out = []
-    for x in inputs:
+    patch_infos = [roles[r] for r in patch_roles(roles)] if patches else []
+    grid = grid_for(patch_infos[0].shape[1:3]) if patch_infos else None
+    emb, feats = [], []
+    for x in tqdm(inputs, desc="features", unit="img", disable=not progress, leave=False):
         tfl.set_input(np.asarray(x, np.float32))
         tfl.invoke()
-        out.append(read_embedding(tfl, spec, roles.get("embedding"), roles.get("feature_map"))[0])
-    return np.stack(out).astype(np.float32)
+        emb.append(read_embedding(tfl, spec, roles.get("embedding"), roles.get("feature_map"))[0])
+        if grid is not None:
+            feats.append(patch_features([tfl.get_output(i) for i in patch_infos], grid).astype(np.float16))
+    return np.stack(emb).astype(np.float32), (np.stack(feats) if feats else None)
 
 
 def int8_agreement(float_embeddings: np.ndarray, int8_embeddings: np.ndarray) -> dict[str, float]:

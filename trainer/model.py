@@ -27,6 +27,10 @@ from agent.scoring import GEM_EPS
 logger = logging.getLogger(__name__)
 
 FEATURE_MAP_LAYER = "out_relu"
+# PatchCore on MobileNetV2 (AMCO-UniPD/PaSTe): torchvision blocks 3 + 8 + 14, in Keras names. Early,
+# high-resolution maps see scratches and thin threads; the deep ones (out_relu) do not (0.684 screw).
+PATCH_LAYERS = ("block_2_add", "block_7_add", "block_13_project_BN")
+PATCH_INPUT_FACTOR = 2  # the patch trunk sees the input at half size: 224 px for 448, the published recipe
 POOLINGS = ("gem", "avg")
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
@@ -44,6 +48,7 @@ class ModelConfig:
     fine_tune_layers: int = 38  # backbone layers trained, counted from the end (-1: all; 38 = block_13 on)
     pooling: str = "gem"  # "gem": generalised mean (pooled by the agent on the device); "avg": in the model
     gem_p: float = 3.0
+    patch: bool = True  # also export the patch trunk's maps (PATCH_LAYERS, ImageNet weights, half size)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -109,12 +114,31 @@ class GeMPooling(keras.layers.Layer):
         return {**super().get_config(), "p": self.p, "eps": self.eps}
 
 
+def build_patch_trunk(cfg: ModelConfig) -> keras.Model:
+    """MobileNetV2 with ImageNet (or the given) weights cut at the patch layers, for an input
+    ``PATCH_INPUT_FACTOR`` times smaller than the embedder's; outputs the PATCH_LAYERS maps.
+
+    It is never fine-tuned: the early layers' generic texture features are what patch scoring
+    needs, and the self-supervised fine-tune measured worse than ImageNet features on both data sets."""
+    h, w = cfg.input_size
+    ph, pw = max(32, h // PATCH_INPUT_FACTOR), max(32, w // PATCH_INPUT_FACTOR)
+    inputs = keras.Input((ph, pw, 3), name="patch_image")
+    trunk = build_backbone(cfg, inputs)
+    return keras.Model(inputs, [trunk.get_layer(n).output for n in PATCH_LAYERS], name="patch_trunk")
+
+
 def export_model(embedder: keras.Model, cfg: ModelConfig) -> keras.Model:
-    """What goes into the TFLite file: with GeM only the feature map (the agent pools it in float,
-    since a cube and cube root lose too much in int8); with average pooling [embedding, feature_map]."""
-    if cfg.pooling == "gem":
-        return keras.Model(embedder.input, embedder.outputs[1], name="yugami_feature_map")
-    return embedder
+    """What goes into the TFLite file: with GeM the feature map (the agent pools it in float, since a
+    cube and cube root lose too much in int8); with average pooling [embedding, feature_map]; with
+    ``cfg.patch`` also the patch trunk's maps, highest resolution first, on the input averaged 2x2
+    inside the model (one input, one invoke on the box)."""
+    outputs = [embedder.outputs[1]] if cfg.pooling == "gem" else list(embedder.outputs)
+    if cfg.patch:
+        half = keras.layers.AveragePooling2D(PATCH_INPUT_FACTOR, name="patch_input")(embedder.input)
+        outputs += list(build_patch_trunk(cfg)(half))
+    if len(outputs) == 1:
+        return keras.Model(embedder.input, outputs[0], name="yugami_feature_map")
+    return keras.Model(embedder.input, outputs, name="yugami_export")
 
 
 def build_embedder(cfg: ModelConfig) -> tuple[keras.Model, keras.Model]:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import Bundle
-from agent.gradcam import anomaly_cam, grid_image, overlay_image
+from agent.gradcam import anomaly_cam, grid_image, overlay_image, patch_overlay_image
 from agent.preprocess import load_image
 from agent.scoring import Scorer
 
@@ -32,14 +32,19 @@ def pick_examples(test: dict[str, list[Path]], per_type: int) -> list[tuple[str,
     return picked
 
 
-def gradcam_tiles(bundle: Bundle, examples: list[tuple[str, Path]]) -> tuple[list[np.ndarray], list[str]]:
-    """One overlay (with the colour bar) and one caption per example."""
+def gradcam_tiles(
+    bundle: Bundle, examples: list[tuple[str, Path]], patch_map: bool = False
+) -> tuple[list[np.ndarray], list[str]]:
+    """One overlay (with the colour bar) and one caption per example: Grad-CAM, or with
+    ``patch_map`` the patch anomaly map."""
     scorer = Scorer(bundle)
     tiles, labels = [], []
     for kind, path in examples:
         result, emb = scorer.score(load_image(path), name=str(path))
-        cam = anomaly_cam(bundle, emb, result.nearest)
-        tiles.append(overlay_image(emb.rgb, cam, bundle))
+        if patch_map:
+            tiles.append(patch_overlay_image(bundle, emb))
+        else:
+            tiles.append(overlay_image(emb.rgb, anomaly_cam(bundle, emb, result.nearest), bundle))
         flag = "!" if result.verdict == "anomaly" else ""
         labels.append(f"{kind} {result.score:.3f}{flag}")
     return tiles, labels
@@ -52,6 +57,7 @@ def write_gradcam_grid(
     per_type: int = 3,
     columns: int = 6,
     tile_size: int = 200,
+    patch_map: bool = False,
 ) -> Path:
     """Write ``out_path`` (PNG or JPEG by suffix): test pictures of every type with their heat maps.
 
@@ -60,7 +66,7 @@ def write_gradcam_grid(
     examples = pick_examples(test, per_type)
     if not examples:
         raise ValueError("no test pictures to draw heat maps for")
-    tiles, labels = gradcam_tiles(bundle, examples)
+    tiles, labels = gradcam_tiles(bundle, examples, patch_map)
     grid = grid_image(tiles, labels, columns=columns, tile_size=tile_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out_path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):

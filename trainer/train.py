@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +25,26 @@ import cv2
 import numpy as np
 
 from agent.bundle import EmbeddingSpec, write_bundle
+from agent.patches import SCORINGS
 from agent.preprocess import Preprocessing
 from trainer import anomalies, calibrate, data, localize
+from trainer.bank import PATCH_PROJECTION_DIM
 from trainer.export import (
     check_int8,
     export_float,
     export_int8,
     int8_agreement,
-    tflite_embeddings,
+    output_roles,
+    patch_roles,
+    tflite_features,
     tflite_manifest,
 )
-from trainer.model import ModelConfig, export_model
+from trainer.model import PATCH_INPUT_FACTOR, PATCH_LAYERS, ModelConfig, export_model
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "yugami-mobilenetv2"
+PATCH_BANK_ROWS = 2400  # exact search of 784 cells x 2400 rows x 248 dims: ~10 ms, 1 thread (bench/speed.py)
 DEBUG_PICTURE = "localization.png"
 DEBUG_PANEL_PX = 112
 
@@ -50,7 +55,7 @@ class TrainConfig:
     out: Path
     loss: str = "l2softmax"  # l2softmax | arcface | adacos | adacos-fixed (see docs/TRAINING.md)
     classes: int = 2  # 2: normal + line; 3: + distortion
-    epochs: int = 10  # 0: zero-training baseline (ImageNet features, no fine-tuning)
+    epochs: int = 0  # 0: ImageNet features (measured best); > 0: the self-supervised fine-tune
     batch_size: int = 32
     lr: float = 1e-4  # Adam learning rate
     scale: float = 30.0  # ArcFace s (and L2-Softmax alpha)
@@ -59,6 +64,9 @@ class TrainConfig:
     holdout: float = 0.2  # share of train/good kept out of the bank for calibration
     far: float = calibrate.DEFAULT_FAR  # target false-alarm rate of the threshold
     bank_size: int | None = None  # None: as many as fit in bank.npz < 1 MB
+    scoring: str = "fused"  # fused | gem | patch (agent.patches; docs/TRAINING.md "scoring")
+    patch_bank_rows: int = PATCH_BANK_ROWS  # rows of the patch bank (coreset), all folds together
+    folds: int = calibrate.DEFAULT_FOLDS  # calibration: each fold scored against a bank built without it
     representative: int = 300  # normal pictures calibrating int8 activation ranges (100-500)
     min_int8_cosine: float = 0.98  # refuse the export when int8 and float embeddings agree less than this
     resize: str = "area"
@@ -191,12 +199,82 @@ def _float_embeddings(embedder: Any, inputs: np.ndarray, batch: int = 32) -> np.
     return np.asarray(emb, np.float32)
 
 
+@dataclass
+class Calibrated:
+    bank: np.ndarray  # float16 GeM / embedding bank of all normals
+    reduction: dict[str, Any]
+    patch_bank: np.ndarray | None
+    threshold: dict[str, Any]
+    manifest: dict[str, Any]  # the "scoring" and "patch" entries (without the patch outputs' roles)
+
+
+def calibrate_bundle(cfg: TrainConfig, emb: np.ndarray, patch_feats: np.ndarray | None) -> Calibrated:
+    """Banks and threshold from every training normal (int8 features, as the device reads them).
+
+    k folds: each fold is scored against banks built from the other folds (out-of-fold scores, what
+    a new normal frame scores); GeM and patch scores are standardised with their out-of-fold mean and
+    standard deviation and averaged (``fused``); the threshold models the upper tail of the
+    out-of-fold scores of the chosen scoring (:func:`trainer.calibrate.tail_threshold`). The banks
+    that ship hold every normal."""
+    from agent.patches import Fusion
+    from trainer.bank import build_bank, patch_coreset
+
+    folds = calibrate.fold_indices(emb.shape[0], cfg.folds, cfg.seed)
+    oof = calibrate.out_of_fold_scores(emb, patch_feats, folds, cfg.patch_bank_rows, cfg.bank_size, cfg.seed)
+    bank16, reduction = build_bank(emb, cfg.bank_size)
+    entry: dict[str, Any] = {"scoring": {"method": "gem" if cfg.scoring == "gem" else cfg.scoring}}
+    scores = oof["gem"]
+    patch_bank = None
+    if patch_feats is not None:
+        patch_bank = patch_coreset(patch_feats, cfg.patch_bank_rows, cfg.seed).astype(np.float16)
+        p_mean, p_std = float(oof["patch"].mean()), float(max(oof["patch"].std(), 1e-6))
+        entry["patch"] = {
+            "layers": list(PATCH_LAYERS),
+            "input": f"the model input averaged {PATCH_INPUT_FACTOR}x{PATCH_INPUT_FACTOR} (ImageNet weights)",
+            "score": "largest Euclidean distance of a cell's feature to its nearest patch-bank row",
+            "reduction": f"greedy k-center on a {PATCH_PROJECTION_DIM}-d random projection of all training cells",
+            "from_cells": int(patch_feats.shape[0] * patch_feats.shape[1]),
+            # the anomaly map's colours: a normal frame's worst cell at the bottom, 6 std above it at the top
+            "map": {"floor": p_mean, "top": p_mean + 6.0 * p_std},
+        }
+        if cfg.scoring == "patch":
+            scores = oof["patch"]
+        elif cfg.scoring == "fused":
+            fusion = Fusion(float(oof["gem"].mean()), float(max(oof["gem"].std(), 1e-6)), p_mean, p_std)
+            entry["scoring"]["fusion"] = fusion.to_manifest()
+            scores = fusion.fuse(oof["gem"], oof["patch"])
+    entry["scoring"]["calibration"] = f"{len(folds)}-fold out-of-fold scores of all {emb.shape[0]} normals"
+    threshold = calibrate.tail_threshold(scores, cfg.far, cfg.seed)
+    logger.info(
+        "threshold %.4f (%s); expected false-alarm rate %.4f (90%% %s)",
+        threshold["value"], cfg.scoring, threshold["expected_false_alarm_rate"]["estimate"],
+        [round(v, 4) for v in threshold["expected_false_alarm_rate"]["interval_90"]],
+    )
+    return Calibrated(bank16, reduction, patch_bank, threshold, entry)
+
+
+def _patch_spec(model_bytes: bytes) -> dict[str, Any] | None:
+    """The manifest's patch outputs and grid, read off the exported model."""
+    from agent.patches import grid_for
+    from agent.runtime import TFLiteModel
+
+    roles = output_roles(TFLiteModel(model_bytes))
+    names = patch_roles(roles)
+    if not names:
+        return None
+    return {"outputs": names, "grid": list(grid_for(roles[names[0]].shape[1:3])), "smoothing": 3}
+
+
 def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     """Run the whole pipeline and write the bundle to ``cfg.out``; returns its path.
 
     ``save_float``: also write the float32 TFLite of the same embedder there, so ``yugami-eval
     --float-model`` can tell what int8 costs from what the features themselves are worth."""
     t0 = time.perf_counter()
+    if cfg.scoring not in SCORINGS:
+        raise ValueError(f"--scoring {cfg.scoring!r}: use one of {list(SCORINGS)}")
+    if cfg.model.patch != (cfg.scoring != "gem"):  # patch maps are exported exactly when the score uses them
+        cfg = replace(cfg, model=replace(cfg.model, patch=cfg.scoring != "gem"))
     if cfg.epochs == 0 and cfg.model.projection > 0:
         raise ValueError(
             "--epochs 0 uses ImageNet features as they are; an untrained projection would scramble "
@@ -217,9 +295,11 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     to_export = export_model(embedder, cfg.model)
     model_bytes = export_int8(to_export, representative)
     emb_spec = embedding_spec(cfg.model)
-    held_x = data.to_model_input(held, spec)
-    held_emb = tflite_embeddings(model_bytes, held_x, spec=emb_spec)
-    agreement = int8_agreement(_float_embeddings(embedder, held_x), held_emb)
+    all_emb, patch_feats = tflite_features(
+        model_bytes, data.to_model_input(pictures, spec), spec=emb_spec, patches=cfg.model.patch,
+        progress=cfg.progress,
+    )
+    agreement = int8_agreement(_float_embeddings(embedder, data.to_model_input(held, spec)), all_emb[held_idx])
     logger.info("int8 vs float: mean cosine %.4f (min %.4f)", agreement["mean_cosine"], agreement["min_cosine"])
     if save_float is not None:
         # Written before the int8 gate, so a refused export can still be measured in float.
@@ -228,21 +308,19 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
         logger.info("float TFLite written to %s", save_float)
     check_int8(agreement, cfg.min_int8_cosine)
 
-    fit_emb = tflite_embeddings(model_bytes, data.to_model_input(fit, spec), spec=emb_spec)
-    bank16, reduction, threshold = calibrate.bank_and_threshold(fit_emb, held_emb, cfg.far, cfg.bank_size)
-
+    cal = calibrate_bundle(cfg, all_emb, patch_feats)
+    if "patch" in cal.manifest:
+        cal.manifest["patch"].update(_patch_spec(model_bytes) or {})
     manifest = {
         "model": {"name": cfg.name, "version": cfg.version, "backbone": f"MobileNetV2 alpha {cfg.model.alpha}"},
         "preprocessing": spec.to_manifest(),
         "tflite": tflite_manifest(model_bytes),
-        "embedding_dim": int(fit_emb.shape[1]),
+        "embedding_dim": int(all_emb.shape[1]),
         "embedding": emb_spec.to_manifest(),
         "gradcam": _gradcam_entry(cfg, head),
-        "bank": {
-            "reduction": reduction,
-            "source": "int8 embeddings of all train/good (the fit share and, after calibration, the held-out share)",
-        },
-        "threshold": threshold,
+        "bank": {"reduction": cal.reduction, "source": "int8 embeddings of all train/good"},
+        **cal.manifest,
+        "threshold": cal.threshold,
         "int8_vs_float": {**agreement, "minimum_required": cfg.min_int8_cosine, "on": "held-out normals"},
         "training": {
             "settings": cfg.to_manifest(),
@@ -265,7 +343,8 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     out = write_bundle(
         cfg.out,
         model_bytes=model_bytes,
-        bank=bank16,
+        bank=cal.bank,
+        patch_bank=cal.patch_bank,
         manifest=manifest,
         head=head_arrays(embedder, head) or None,
         extra_files={DEBUG_PICTURE: _debug_png(fit, mean, masks)},
