@@ -1,7 +1,8 @@
 """``yugami-score BUNDLE IMAGE...``: score image files with a bundle, one JSON line per image.
 
-With ``--gradcam DIR`` it also writes each image's anomaly heat map over the prepared picture
-(``DIR/<image stem>.gradcam.jpg``) and names the file in the JSON line's ``gradcam`` field.
+With ``--gradcam DIR`` it also writes each image's anomaly heat map over the prepared picture, and
+beside it the patch anomaly map for bundles that score patches (``DIR/<image stem>.gradcam.jpg``),
+and names the file in the JSON line's ``gradcam`` field.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.bundle import Bundle, BundleError, load_bundle
-from agent.gradcam import GradCamError, anomaly_cam, head_weights, overlay_jpeg
+from agent.gradcam import GradCamError, head_weights, inspection_jpeg
 from agent.preprocess import ImageError, load_image
 from agent.scoring import Embedding, Scorer
 
@@ -64,7 +65,7 @@ def gradcam_path(out_dir: Path, image: str, taken: set[Path]) -> Path:
 
 
 def write_gradcam(bundle: Bundle, emb: Embedding, nearest: int, path: Path) -> str:
-    path.write_bytes(overlay_jpeg(emb.rgb, anomaly_cam(bundle, emb, nearest), bundle))
+    path.write_bytes(inspection_jpeg(bundle, emb, nearest))  # Grad-CAM | patch anomaly map where there is one
     return str(path)
 
 

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import queue
 import signal
 import sqlite3
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 from agent import __version__
 from agent.bundle import Bundle, BundleError, load_bundle
 from agent.capture import Frame, ManagedSource, SourceStatus, make_source, new_run_id
+from agent.commands import CommandHandlers, CommandQueue, CommandRunner, ReplyLimiter, busy_error
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config, warnings_for
 from agent.metrics import MetricsServer
 from agent.mqtt import (
@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 IDLE_WAIT_S = 0.1  # longest the loop sleeps when there is nothing to do (bounds signal latency too)
-GRADCAM_WAIT_S = 60.0  # a "next frame" Grad-CAM request fails if no frame comes within this
+BUSY_REPLY_BURST = 5  # "busy" answers at once when the command queue is full ...
+BUSY_REPLY_PER_S = 1.0  # ... then this many per second: a flood must not become a flood of answers
 
 
 def load_agent_bundle(cfg: AgentConfig) -> Bundle:
@@ -127,9 +128,12 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.topics = Topics.from_config(cfg)
         self.counters = Counters()
-        self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.commands = CommandQueue()
+        self.handlers = CommandHandlers(self, self.commands)
+        self.runner = CommandRunner(self.commands, self.handlers)
+        self._busy_replies = ReplyLimiter(BUSY_REPLY_BURST, BUSY_REPLY_PER_S)
         self.recent: deque[Recent] = deque(maxlen=cfg.gradcam.keep_frames)
-        self.pending_gradcam: list[tuple[Command, float]] = []
+        self._next_watchdog = 0.0
         self.last_state: dict[str, Any] | None = None
         self._stop = False
         self._reload_requested = False
@@ -186,7 +190,10 @@ class Agent:
     # --- callbacks from other threads: queue and wake, nothing more ---
 
     def _queue_command(self, command: Command) -> None:
-        self.commands.put(command)
+        if self.commands.offer(command) == "full" and self._busy_replies.allow():
+            logger.warning("command queue full: refusing %s (%d refused so far)", command.name, self.commands.dropped)
+            self.link.publish(command_result_message(self.topics, command.name, ok=False,
+                                                     request_id=command.request_id, error=busy_error(self.commands)))
         self._wake.set()
 
     def _on_published(self, mid: int) -> None:
@@ -240,6 +247,7 @@ class Agent:
             "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped_total},
             "source": self.source.status.as_dict(),
             "evidence": {"saved": self.evidence.saved, "kept": len(self.evidence), "errors": self.evidence.errors},
+            "commands": self.commands.stats(),
             "version": __version__,
         }
 
@@ -273,21 +281,21 @@ class Agent:
         min_gap = 1.0 / cfg.capture.max_fps if cfg.capture.max_fps else 0.0
         next_frame = 0.0
         next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
-        next_watchdog = 0.0
         while not self._stop:
             now = time.monotonic()
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload("SIGHUP")
-            self._run_commands()
+            self.runner.drain(keepalive=self._keepalive, should_stop=lambda: self._stop)
+            if self._stop:
+                break
+            now = time.monotonic()
             self._maybe_ready(now)
-            if self.notifier.watchdog_s and now >= next_watchdog:
-                self.notifier.watchdog()
-                next_watchdog = now + self.notifier.watchdog_s
+            self._keepalive()
             if now >= next_stats:
                 next_stats = now + cfg.mqtt.stats_interval_s
                 self._publish_stats()
-            self._expire_gradcam(now)
+            self.handlers.expire(now)
             if cfg.capture.mode == "trigger":
                 self.source.ensure_open()  # keep the camera open between shots, and READY honest
                 self._idle(IDLE_WAIT_S)
@@ -306,8 +314,17 @@ class Agent:
             self._process(frame)
 
     def _idle(self, seconds: float) -> None:
+        if len(self.commands):
+            return  # commands left over from the last turn's budget: no sleeping
         self._wake.wait(seconds)
         self._wake.clear()
+
+    def _keepalive(self) -> None:
+        """Ping systemd's watchdog when due (also between commands, so a long drain is no hang)."""
+        now = time.monotonic()
+        if self.notifier.watchdog_s and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + self.notifier.watchdog_s
 
     def _maybe_ready(self, now: float) -> None:
         if self._ready_sent:
@@ -382,53 +399,51 @@ class Agent:
         self.source.done(frame)  # a bad file is not retried forever
         self._event("bad_frame", id=frame.frame_id, source=frame.source, error=error)
 
-    # --- commands ---
+    # --- what the command handlers (agent.commands) need of the service ---
 
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                command = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                handler = {"trigger": self._cmd_trigger, "gradcam": self._cmd_gradcam, "reload": self._cmd_reload}
-                handler[command.name](command)
-            except Exception as exc:  # a command must never take the service down
-                logger.exception("command %s failed", command.name)
-                self._reply(command, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+    def command_reply(self, name: str, request_id: Any, ok: bool, error: str | None, data: dict[str, Any]) -> None:
+        self.link.publish(command_result_message(self.topics, name, ok=ok, request_id=request_id, error=error,
+                                                 **data))
 
-    def _reply(self, command: Command, ok: bool, error: str | None = None, **data: Any) -> None:
-        self.link.publish(command_result_message(self.topics, command.name, ok=ok, request_id=command.request_id,
-                                                 error=error, **data))
-
-    def _cmd_trigger(self, command: Command) -> None:
+    def trigger_frame(self) -> tuple[dict[str, Any] | None, str | None, str | None]:
         if self.cfg.capture.mode != "trigger":
-            self._reply(command, ok=False, error="capture.mode is 'continuous': frames are taken all the time. "
-                                                 "Set capture.mode: trigger to take frames only on cmd/trigger")
-            return
+            return None, ("capture.mode is 'continuous': frames are taken all the time. Set capture.mode: "
+                          "trigger to take frames only on cmd/trigger"), None
         frame = self.source.read(fresh=True)
         if frame is None:
             status = self.source.status
             why = f"source is {status.state}" + (f" ({status.error})" if status.error else "")
             if status.state == "up":
                 why = "the source has no new frame (e.g. no new file in the folder)"
-            self._reply(command, ok=False, error=f"no frame taken: {why}")
-            return
+            return None, f"no frame taken: {why}", None
         payload = self._process(frame)
         if payload is None:
-            self._reply(command, ok=False, error="the frame was bad (see the bad_frame event)", frame_id=frame.frame_id)
-            return
-        self._reply(command, ok=True, frame_id=payload["id"], verdict=payload["verdict"], score=payload["score"],
-                    confidence=payload["confidence"])
+            return None, "the frame was bad (see the bad_frame event)", frame.frame_id
+        return payload, None, frame.frame_id
 
-    def _cmd_reload(self, command: Command) -> None:
-        ok, text = self._reload("cmd/reload")
+    def reload_bundle(self, why: str) -> tuple[bool, str, dict[str, Any] | None]:
+        ok, text = self._reload(why)
         bundle = self.scorer.bundle if self.scorer else None
         model = {"name": bundle.name, "sha256": bundle.manifest_sha256} if bundle else None
-        if ok:
-            self._reply(command, ok=True, model=model)
-        else:
-            self._reply(command, ok=False, error=text, model=model)
+        return ok, text, model
+
+    def gradcam_allowed(self) -> str | None:
+        if self.cfg.gradcam.policy == "off":
+            return "gradcam.policy is 'off'; set it to on_command to allow this"
+        return None
+
+    def recent_frame(self, frame_id: str) -> Recent | None:
+        return next((r for r in self.recent if r.frame_id == frame_id), None)
+
+    def recent_count(self) -> int:
+        return len(self.recent)
+
+    def gradcam_publish(self, record: Recent) -> tuple[bytes | None, str]:
+        return self._gradcam_jpeg(record)
+
+    @property
+    def gradcam_topic(self) -> str:
+        return self.topics.gradcam
 
     def _reload(self, why: str) -> tuple[bool, str]:
         """Load the bundle again; on any problem keep the current one. Returns (ok, message)."""
@@ -454,46 +469,10 @@ class Agent:
         self.notifier.ready(status=self._status_line())
         return True, "reloaded"
 
-    def _cmd_gradcam(self, command: Command) -> None:
-        if self.cfg.gradcam.policy == "off":
-            self._reply(command, ok=False, error="gradcam.policy is 'off'; set it to on_command to allow this")
-            return
-        frame_id = command.body.get("frame_id")
-        if frame_id is None:
-            self.pending_gradcam.append((command, time.monotonic() + GRADCAM_WAIT_S))
-            return
-        record = next((r for r in self.recent if r.frame_id == frame_id), None)
-        if record is None:
-            self._reply(command, ok=False, frame_id=frame_id,
-                        error=f"frame {frame_id!r} is not among the last {len(self.recent)} frames kept "
-                              "(gradcam.keep_frames); ask sooner, or send {} for the next frame")
-            return
-        self._answer_gradcam(command, record)
-
-    def _answer_gradcam(self, command: Command, record: Recent) -> None:
-        jpeg, error = self._gradcam_jpeg(record)
-        if jpeg is None:
-            self._reply(command, ok=False, frame_id=record.frame_id, error=error)
-            return
-        self._reply(command, ok=True, frame_id=record.frame_id, topic=self.topics.gradcam, bytes=len(jpeg))
-
     def _gradcam_after_frame(self, record: Recent, verdict: str) -> None:
-        waiting, self.pending_gradcam = self.pending_gradcam, []
-        for command, _ in waiting:
-            self._answer_gradcam(command, record)
-        if not waiting and verdict == "anomaly" and self.cfg.gradcam.policy == "every_anomaly":
+        answered = self.handlers.after_frame(record)
+        if not answered and verdict == "anomaly" and self.cfg.gradcam.policy == "every_anomaly":
             self._gradcam_jpeg(record)
-
-    def _expire_gradcam(self, now: float) -> None:
-        if not self.pending_gradcam:
-            return
-        keep = []
-        for command, deadline in self.pending_gradcam:
-            if now < deadline:
-                keep.append((command, deadline))
-            else:
-                self._reply(command, ok=False, error=f"no frame was inspected within {GRADCAM_WAIT_S:g} s")
-        self.pending_gradcam = keep
 
     def _gradcam_jpeg(self, record: Recent) -> tuple[bytes | None, str]:
         """Compute and publish the overlay JPEG for a frame; (jpeg, "") or (None, why not)."""
@@ -502,9 +481,9 @@ class Agent:
         except ImportError as exc:
             return None, f"Grad-CAM is not available in this agent ({exc})"
         try:
-            cam = gradcam.anomaly_cam(record.bundle, record.embedding, record.nearest)
-            jpeg = gradcam.overlay_jpeg(record.embedding.rgb, cam, record.bundle,
-                                        quality=self.cfg.gradcam.jpeg_quality)
+            # Grad-CAM, and beside it the patch anomaly map where the bundle scores patches
+            jpeg = gradcam.inspection_jpeg(record.bundle, record.embedding, record.nearest,
+                                           quality=self.cfg.gradcam.jpeg_quality)
         except ValueError as exc:  # GradCamError: the bundle has no usable feature map / head
             logger.warning("Grad-CAM for frame %s failed: %s", record.frame_id, exc)
             return None, str(exc)

@@ -56,6 +56,18 @@ to a MobileNetV2 no-top .h5 file.
 """
 
 
+def input_size(text: str) -> tuple[int, int]:
+    """'448' -> (448, 448); '384x512' -> (384, 512) (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give pixels (448) or height x width (384x512)")
+    return (values[0], values[-1])
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="yugami-train",
@@ -88,11 +100,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     net = p.add_argument_group("network")
     net.add_argument(
         "--input-size",
-        type=int,
-        default=448,
-        metavar="PX",
-        help="square model input in pixels (default 448: MVTec screw's threads need it, 4x the compute of 224; "
-        "large, coarse defects can take 224)",
+        type=input_size,
+        default=(448, 448),
+        metavar="PX|HxW",
+        help="model input in pixels, square (448) or height x width (384x512) to keep a wide camera's aspect "
+        "(default 448: MVTec screw's threads need it, 4x the compute of 224; large, coarse defects can take 224)",
     )
     net.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier (default 1.0)")
     net.add_argument(
@@ -190,7 +202,7 @@ def _train_config(args: argparse.Namespace):
     from trainer.model import ModelConfig
     from trainer.train import TrainConfig
 
-    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0 or args.input_size < 32:
+    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0 or min(args.input_size) < 32:
         raise ValueError("--epochs >= 0, --batch-size >= 1, --lr > 0 and --input-size >= 32 are required")
     if args.patch_bank_rows < 1 or args.folds < 2:
         raise ValueError("--patch-bank-rows >= 1 and --folds >= 2 are required")
@@ -216,7 +228,7 @@ def _train_config(args: argparse.Namespace):
         representative=args.representative,
         min_int8_cosine=args.min_int8_cosine,
         model=ModelConfig(
-            input_size=(args.input_size, args.input_size),
+            input_size=args.input_size,
             alpha=args.alpha,
             weights=args.weights,
             projection=args.projection,

@@ -67,7 +67,9 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
     m = bundle.manifest
     # GeM by default: the int8 model carries only the feature map and the agent pools it.
     assert m["embedding"] == {"pooling": "gem", "p": 3.0}
-    assert bundle.embedding_output is None and list(m["tflite"]["outputs"]) == ["feature_map"]
+    # fused scoring by default: the same model also gives the patch trunk's three maps
+    assert bundle.embedding_output is None
+    assert list(m["tflite"]["outputs"]) == ["feature_map", "patch_0", "patch_1", "patch_2"]
     assert m["gradcam"] == {
         "feature_map_output": "feature_map",
         "pooling": "gem",
@@ -80,8 +82,8 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
     assert m["int8_vs_float"]["mean_cosine"] >= 0.98
     assert m["training"]["data"]["fingerprint_sha256"] == fingerprint(find_dataset(parts).train)
     assert m["training"]["settings"]["loss"] == "l2softmax" and m["training"]["settings"]["epochs"] == 1
-    # Calibrated on 8 held-out normals against the 32 fit ones; then all 40 go into the bank.
-    assert m["bank"]["count"] == 40 and m["threshold"]["held_out"]["count"] == 8
+    # All 40 normals scored out of fold (5 folds) for the threshold; all 40 go into the bank.
+    assert m["bank"]["count"] == 40 and m["threshold"]["normals"]["count"] == 40
     assert (out / "localization.png").is_file()
 
     # The agent's scorer gives a scratched part a higher score than the same part unscratched.
