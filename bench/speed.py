@@ -164,20 +164,22 @@ def worker_keras(bundle: str, threads: int, n: int) -> dict[str, Any]:
     weights = SHARED / "weights/mobilenet_v2_1.0_224_no_top.h5"
     # The bundle's own embedder in float Keras (pooling as the bundle's manifest says): what a user
     # without the int8 export would run.
-    from trainer.model import ModelConfig, build_embedder
+    from trainer.model import ModelConfig, build_embedder, export_model
 
     pooling = "gem" if (manifest.get("embedding") or {}).get("pooling") == "gem" else "avg"
-    cfg = ModelConfig(input_size=(h, w), alpha=alpha, pooling=pooling,
+    # A bundle that scores patches: the float model also runs the patch trunk (the search is not timed)
+    cfg = ModelConfig(input_size=(h, w), alpha=alpha, pooling=pooling, patch="patch" in manifest,
                       weights=str(weights) if alpha == 1.0 and weights.is_file() else "none")
-    model, _ = build_embedder(cfg)
+    embedder, _ = build_embedder(cfg)
+    model = export_model(embedder, cfg) if cfg.patch else embedder
     frames = real_frames(n)
     for f in frames[:5]:
         model(preprocess(f, pre)[None], training=False)
     times = []
     for f in frames:
         s = time.perf_counter()
-        e, _ = model(preprocess(f, pre)[None], training=False)
-        np.asarray(e)
+        outputs = model(preprocess(f, pre)[None], training=False)
+        [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
         times.append((time.perf_counter() - s) * 1000)
     return {"keras_float": percentiles(times), "peak_rss_mb": _rss_mb()}
 

@@ -135,18 +135,12 @@ def tail_threshold(scores: np.ndarray, far: float = DEFAULT_FAR, seed: int = 0) 
         value = float(np.quantile(s, 1.0 - far, method="higher"))
         method = "empirical quantile of out-of-fold normal scores (too few for a tail fit)"
         entry = {}
-    rng = np.random.default_rng([seed, 31])
-    boot = np.array([_tail_far(np.sort(rng.choice(s, s.size)), value) for _ in range(BOOTSTRAP)])
     return {
         "value": float(value),
         "scale": float(max(s.std(), 1e-6)),
         "method": method,
         "target_false_alarm_rate": far,
-        "expected_false_alarm_rate": {
-            "estimate": float(np.median(boot)),
-            "interval_90": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
-            "how": f"the tail fit on {BOOTSTRAP} bootstrap resamples of the normal scores",
-        },
+        "expected_false_alarm_rate": expected_far(s, value, seed),
         **entry,
         "normals": held_out_stats(s, value),
     }
@@ -184,3 +178,66 @@ def out_of_fold_scores(
     if "cells" in out:
         out["patch"] = out["cells"].max(axis=1).astype(np.float64)
     return out
+
+
+def expected_far(scores: np.ndarray, threshold: float, seed: int = 0) -> dict[str, Any]:
+    """What the tail fit to normal ``scores`` predicts for ``threshold``: median and 5-95 % over
+    bootstrap resamples (the manifest's ``expected_false_alarm_rate``)."""
+    s = np.sort(np.asarray(scores, np.float64).reshape(-1))
+    rng = np.random.default_rng([seed, 31])
+    boot = np.array([_tail_far(np.sort(rng.choice(s, s.size)), threshold) for _ in range(BOOTSTRAP)])
+    return {
+        "estimate": float(np.median(boot)),
+        "interval_90": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
+        "how": f"the tail fit on {BOOTSTRAP} bootstrap resamples of the normal scores",
+    }
+
+
+THRESHOLD_RULES = ("f1", "recall")
+
+
+def threshold_from_defects(
+    normal_scores: np.ndarray,
+    defect_scores: np.ndarray,
+    rule: str = "f1",
+    target_recall: float = 0.9,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A threshold placed with a few labelled defects (``yugami-train --defects DIR``).
+
+    ``f1``: the threshold of the best F1 between the out-of-fold normal scores and the defects'.
+    ``recall``: the highest threshold that still flags ``target_recall`` of the defects. Either way
+    the manifest keeps what the normal-only tail fit predicts for the false-alarm rate there."""
+    from trainer.operating import f1_max, operating_point
+
+    normal = np.asarray(normal_scores, np.float64).reshape(-1)
+    defects = np.asarray(defect_scores, np.float64).reshape(-1)
+    if defects.size == 0:
+        raise ValueError("--defects: no defective pictures to place the threshold with")
+    labels = np.r_[np.zeros(normal.size, int), np.ones(defects.size, int)]
+    scores = np.r_[normal, defects]
+    if rule == "f1":
+        value = float(f1_max(labels, scores)["f1_max_threshold"])
+    elif rule == "recall":
+        if not 0.0 < target_recall <= 1.0:
+            raise ValueError(f"--target-recall {target_recall} must be in (0, 1]")
+        k = int(np.ceil(target_recall * defects.size))
+        cut = float(np.sort(defects)[defects.size - k])  # the k-th highest defect score must stay above
+        below = scores[scores < cut]
+        value = float((cut + below.max()) / 2.0) if below.size else float(np.nextafter(cut, -np.inf))
+    else:
+        raise ValueError(f"threshold rule {rule!r}: use one of {list(THRESHOLD_RULES)}")
+    point = operating_point(labels, scores, value)
+    return {
+        "value": value,
+        "scale": float(max(normal.std(), 1e-6)),
+        "method": f"placed with {defects.size} labelled defects: "
+        + ("best F1 against the out-of-fold normals" if rule == "f1" else f"recall >= {target_recall} on them"),
+        "on_defects": {
+            "count": int(defects.size),
+            "recall": point["recall_at_threshold"],
+            "normals_false_alarm_rate": point["far_at_threshold"],
+        },
+        "expected_false_alarm_rate": expected_far(normal, value, seed),
+        "normals": held_out_stats(normal, value),
+    }

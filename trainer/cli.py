@@ -156,6 +156,21 @@ def build_train_parser() -> argparse.ArgumentParser:
         help="rows of the patch bank (coreset of all training cells; default 2400: ~10 ms exact search per frame)",
     )
     cal.add_argument(
+        "--defects",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder of a few labelled defective pictures: place the threshold with them (--threshold-rule) "
+        "instead of at --far on normals alone; the manifest records both and the false-alarm rate expected",
+    )
+    cal.add_argument(
+        "--threshold-rule",
+        choices=["f1", "recall"],
+        default="f1",
+        help="with --defects: 'f1' best F1 against the normals (default), 'recall' flag --target-recall of them",
+    )
+    cal.add_argument("--target-recall", type=float, default=0.9, help="with --threshold-rule recall (default 0.9)")
+    cal.add_argument(
         "--folds",
         type=int,
         default=5,
@@ -225,6 +240,9 @@ def _train_config(args: argparse.Namespace):
         scoring=args.scoring,
         patch_bank_rows=args.patch_bank_rows,
         folds=args.folds,
+        defects=args.defects,
+        threshold_rule=args.threshold_rule,
+        target_recall=args.target_recall,
         representative=args.representative,
         min_int8_cosine=args.min_int8_cosine,
         model=ModelConfig(

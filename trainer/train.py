@@ -67,6 +67,9 @@ class TrainConfig:
     scoring: str = "fused"  # fused | gem | patch (agent.patches; docs/TRAINING.md "scoring")
     patch_bank_rows: int = PATCH_BANK_ROWS  # rows of the patch bank (coreset), all folds together
     folds: int = calibrate.DEFAULT_FOLDS  # calibration: each fold scored against a bank built without it
+    defects: Path | None = None  # a folder of a few labelled defective pictures to place the threshold with
+    threshold_rule: str = "f1"  # with defects: "f1" (best F1) or "recall" (flag target_recall of them)
+    target_recall: float = 0.9
     representative: int = 300  # normal pictures calibrating int8 activation ranges (100-500)
     min_int8_cosine: float = 0.98  # refuse the export when int8 and float embeddings agree less than this
     resize: str = "area"
@@ -79,6 +82,7 @@ class TrainConfig:
     def to_manifest(self) -> dict[str, Any]:
         d = asdict(self)
         d["data_dir"], d["out"] = str(self.data_dir), str(self.out)
+        d["defects"] = str(self.defects) if self.defects is not None else None
         d["model"]["input_size"] = list(self.model.input_size)
         return d
 
@@ -206,6 +210,24 @@ class Calibrated:
     patch_bank: np.ndarray | None
     threshold: dict[str, Any]
     manifest: dict[str, Any]  # the "scoring" and "patch" entries (without the patch outputs' roles)
+    normal_scores: np.ndarray  # out-of-fold scores of every training normal, in the bundle's scoring
+
+    def score(self, emb: np.ndarray, patch_feats: np.ndarray | None) -> np.ndarray:
+        """Scores of pictures outside the banks (features as :func:`tflite_features` gives them), the
+        agent's arithmetic: 1 - max cosine, the worst cell's distance, or their fusion."""
+        from agent.patches import Fusion, PatchBank, nearest_distances
+        from agent.scoring import cosine_scores
+
+        bank = self.bank.astype(np.float32)
+        gem = cosine_scores(emb, bank / np.linalg.norm(bank, axis=1, keepdims=True))[0]
+        method = self.manifest["scoring"]["method"]
+        if method == "gem" or self.patch_bank is None or patch_feats is None:
+            return gem
+        pbank = PatchBank.of(self.patch_bank.astype(np.float32))
+        patch = np.array([nearest_distances(f.astype(np.float32), pbank).max() for f in patch_feats])
+        if method == "patch":
+            return patch
+        return Fusion.from_manifest(self.manifest["scoring"]["fusion"]).fuse(gem, patch)
 
 
 def calibrate_bundle(cfg: TrainConfig, emb: np.ndarray, patch_feats: np.ndarray | None) -> Calibrated:
@@ -250,7 +272,28 @@ def calibrate_bundle(cfg: TrainConfig, emb: np.ndarray, patch_feats: np.ndarray 
         threshold["value"], cfg.scoring, threshold["expected_false_alarm_rate"]["estimate"],
         [round(v, 4) for v in threshold["expected_false_alarm_rate"]["interval_90"]],
     )
-    return Calibrated(bank16, reduction, patch_bank, threshold, entry)
+    return Calibrated(bank16, reduction, patch_bank, threshold, entry, np.asarray(scores, np.float64))
+
+
+def _threshold_from_defects(
+    cfg: TrainConfig, cal: Calibrated, model_bytes: bytes, emb_spec: EmbeddingSpec, spec: Preprocessing
+) -> dict[str, Any]:
+    """The threshold placed with ``cfg.defects`` (labelled defective pictures scored as the box would)."""
+    paths = data.find_dataset(cfg.defects).train
+    emb, patches = tflite_features(
+        model_bytes, data.to_model_input(data.load_prepared(paths, spec), spec), spec=emb_spec,
+        patches=cal.patch_bank is not None,
+    )
+    threshold = calibrate.threshold_from_defects(
+        cal.normal_scores, cal.score(emb, patches), cfg.threshold_rule, cfg.target_recall, cfg.seed
+    )
+    threshold["normal_only"] = {k: cal.threshold[k] for k in ("value", "method", "expected_false_alarm_rate")}
+    logger.info(
+        "threshold %.4f placed with %d defects (%s): recall on them %.2f, expected false alarms %.4f",
+        threshold["value"], len(paths), cfg.threshold_rule, threshold["on_defects"]["recall"],
+        threshold["expected_false_alarm_rate"]["estimate"],
+    )
+    return threshold
 
 
 def _patch_spec(model_bytes: bytes) -> dict[str, Any] | None:
@@ -309,6 +352,8 @@ def train(cfg: TrainConfig, save_float: Path | None = None) -> Path:
     check_int8(agreement, cfg.min_int8_cosine)
 
     cal = calibrate_bundle(cfg, all_emb, patch_feats)
+    if cfg.defects is not None:
+        cal.threshold = _threshold_from_defects(cfg, cal, model_bytes, emb_spec, spec)
     if "patch" in cal.manifest:
         cal.manifest["patch"].update(_patch_spec(model_bytes) or {})
     manifest = {
