@@ -21,19 +21,19 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
+from agent.commands import Command, CommandError, ReplyLimiter, parse_command_body
 from agent.config import AgentConfig
 
 logger = logging.getLogger(__name__)
 
 PAYLOAD_VERSION = 1
-COMMANDS = ("trigger", "gradcam", "reload")
 
 
 def utc_iso(t: float | None = None) -> str:
@@ -237,26 +237,6 @@ def discovery_message(topics: Topics, model_name: str) -> Message:
 # --- commands in ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Command:
-    name: str
-    body: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def request_id(self) -> Any:
-        rid = self.body.get("id")
-        return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-
-
-class CommandError(ValueError):
-    """A command that cannot be run; answered on ``cmd/<name>/result`` with ``ok: false``."""
-
-    def __init__(self, name: str, message: str, request_id: Any = None) -> None:
-        super().__init__(message)
-        self.name = name
-        self.request_id = request_id
-
-
 def command_name(topics: Topics, topic: str) -> str | None:
     prefix = topics.base + "/cmd/"
     if not topic.startswith(prefix):
@@ -266,30 +246,9 @@ def command_name(topics: Topics, topic: str) -> str | None:
 
 
 def parse_command(topics: Topics, topic: str, payload: bytes, max_bytes: int) -> Command:
-    """A command from a message on ``<base>/cmd/<name>``; raise CommandError saying what is wrong."""
-    name = command_name(topics, topic) or "?"
-    if len(payload) > max_bytes:
-        raise CommandError(name, f"command of {len(payload)} bytes is over the limit of {max_bytes} "
-                                 "(mqtt.max_command_bytes)")
-    if name not in COMMANDS:
-        raise CommandError(name, f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
-    if not payload.strip():
-        return Command(name, {})
-    try:
-        body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(name, f"body is not valid JSON ({exc}); send a JSON object such as {{}}") from exc
-    if not isinstance(body, dict):
-        raise CommandError(name, f"body must be a JSON object, got {type(body).__name__}; send e.g. {{}}")
-    rid = body.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise CommandError(name, "'id' must be a string or a number (it is echoed as request_id)")
-    if name == "gradcam":
-        fid = body.get("frame_id")
-        if fid is not None and not isinstance(fid, str):
-            raise CommandError(name, "'frame_id' must be a string (a verdict's id), or absent for the next frame",
-                               rid)
-    return Command(name, body)
+    """A command from a message on ``<base>/cmd/<name>`` (checked against agent.commands.TABLE); raise
+    CommandError saying what is wrong."""
+    return parse_command_body(command_name(topics, topic) or "?", payload, max_bytes)
 
 
 # --- the client -------------------------------------------------------------------------------------
@@ -318,6 +277,7 @@ class MqttLink:
         self.connects = 0
         self._down_logged = False
         self._stopping = False
+        self.refusals = ReplyLimiter()
         m = cfg.mqtt
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, clean_session=True,
                              protocol=paho.MQTTv311)
@@ -443,9 +403,10 @@ class MqttLink:
         try:
             command = parse_command(self.topics, topic, message.payload, self.cfg.mqtt.max_command_bytes)
         except CommandError as exc:
-            logger.warning("refused command on %s: %s", topic, exc)
-            self._send(command_result_message(self.topics, exc.name, ok=False, request_id=exc.request_id,
-                                              error=str(exc)))
+            if self.refusals.allow():  # a flood of bad commands must not become a flood of answers
+                logger.warning("refused command on %s: %s", topic, exc)
+                self._send(command_result_message(self.topics, exc.name, ok=False, request_id=exc.request_id,
+                                                  error=str(exc)))
             return
         self.cb.on_command(command)
 

@@ -1,0 +1,411 @@
+"""Commands from MQTT: one table of names and handlers, a bounded queue, a time-budgeted runner.
+
+``TABLE`` is the only list of commands: the MQTT layer parses and refuses bodies with it (network
+thread), the service runs its handlers (frame-loop thread). Between the two sits
+:class:`CommandQueue`, which cannot starve the frame loop:
+
+- it is bounded (``COMMAND_QUEUE_MAX`` replies owed at most); a command that does not fit is counted
+  and answered ``busy``, through a :class:`ReplyLimiter` so a flood never becomes a reply flood;
+- repeated requests that one run answers are coalesced: every ``reload`` waiting in the queue, and
+  every ``gradcam`` for the same frame (or for the next frame), run once and answer each distinct
+  request id;
+- :meth:`CommandRunner.drain` runs commands for at most ``COMMAND_BUDGET_S`` per loop turn, pinging
+  the watchdog and checking the stop flag between commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+COMMAND_QUEUE_MAX = 256  # replies owed (queued or waiting for the next frame) at most
+COMMAND_BUDGET_S = 0.05  # command time per loop turn, beyond the first command
+GRADCAM_WAIT_S = 60.0  # a "next frame" Grad-CAM request fails if no frame comes within this
+ERROR_REPLY_BURST = 20  # refusals answered at once before the rate applies
+ERROR_REPLY_PER_S = 5.0  # refusals answered per second in a flood (the rest are counted and logged)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> Any:
+        rid = self.body.get("id")
+        return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
+class CommandError(ValueError):
+    """A command that cannot be run; answered on ``cmd/<name>/result`` with ``ok: false``."""
+
+    def __init__(self, name: str, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.request_id = request_id
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+def _no_check(body: dict[str, Any]) -> str | None:
+    return None
+
+
+def _check_gradcam(body: dict[str, Any]) -> str | None:
+    fid = body.get("frame_id")
+    if fid is not None and not isinstance(fid, str):
+        return "'frame_id' must be a string (a verdict's id), or absent for the next frame"
+    return None
+
+
+def _never(command: Command) -> Hashable | None:
+    return None
+
+
+def _reload_key(command: Command) -> Hashable | None:
+    return ("reload",)  # one reload that starts after every waiting request answers all of them
+
+
+def _gradcam_key(command: Command) -> Hashable | None:
+    return ("gradcam", command.body.get("frame_id"))
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    check: Callable[[dict[str, Any]], str | None]  # a problem with the body, or None
+    coalesce: Callable[[Command], Hashable | None]  # requests with the same key share one run; None: never
+    run: Callable[[CommandHandlers, Pending], None]
+
+
+def _run_trigger(h: CommandHandlers, p: Pending) -> None:
+    h.trigger(p)
+
+
+def _run_gradcam(h: CommandHandlers, p: Pending) -> None:
+    h.gradcam(p)
+
+
+def _run_reload(h: CommandHandlers, p: Pending) -> None:
+    h.reload(p)
+
+
+TABLE: dict[str, CommandSpec] = {
+    "trigger": CommandSpec("trigger", _no_check, _never, _run_trigger),
+    "gradcam": CommandSpec("gradcam", _check_gradcam, _gradcam_key, _run_gradcam),
+    "reload": CommandSpec("reload", _no_check, _reload_key, _run_reload),
+}
+COMMANDS = tuple(TABLE)
+
+
+def parse_command_body(name: str, payload: bytes, max_bytes: int) -> Command:
+    """A command from its name and raw body; raise CommandError saying what is wrong."""
+    if len(payload) > max_bytes:
+        raise CommandError(name, f"command of {len(payload)} bytes is over the limit of {max_bytes} "
+                                 "(mqtt.max_command_bytes)")
+    spec = TABLE.get(name)
+    if spec is None:
+        raise CommandError(name, f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
+    if not payload.strip():
+        return Command(name, {})
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(name, f"body is not valid JSON ({exc}); send a JSON object such as {{}}") from exc
+    if not isinstance(body, dict):
+        raise CommandError(name, f"body must be a JSON object, got {type(body).__name__}; send e.g. {{}}")
+    rid = body.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise CommandError(name, "'id' must be a string or a number (it is echoed as request_id)")
+    problem = spec.check(body)
+    if problem:
+        raise CommandError(name, problem, rid)
+    return Command(name, body)
+
+
+# --- rate limit for refusals ------------------------------------------------------------------------
+
+
+class ReplyLimiter:
+    """A token bucket: ``burst`` replies at once, then ``per_s``; suppressed ones are counted."""
+
+    def __init__(self, burst: int = ERROR_REPLY_BURST, per_s: float = ERROR_REPLY_PER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_s = per_s
+        self.clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+        self._lock = threading.Lock()
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.per_s)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            if self.suppressed == 0 or self.suppressed % 1000 == 0:
+                logger.warning("commands are flooding in: refusals are answered at most %g per second",
+                               self.per_s)
+            self.suppressed += 1
+            return False
+
+
+# --- the queue --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pending:
+    """One command to run and every request it answers (coalesced requests share it)."""
+
+    command: Command
+    key: Hashable | None
+    request_ids: list[Any]
+    deadline: float = 0.0  # gradcam for the next frame: when to give up
+    held: bool = False  # a handler keeps it to answer later (gradcam for the next frame)
+    released: bool = False  # its slots were given back to the queue
+
+    @property
+    def name(self) -> str:
+        return self.command.name
+
+
+class CommandQueue:
+    """Thread-safe, bounded, coalescing; written by the network thread, drained by the frame loop.
+
+    Capacity is counted in replies owed: each distinct request id of a queued command, and of one a
+    handler holds, takes a slot until it is answered."""
+
+    def __init__(self, capacity: int = COMMAND_QUEUE_MAX) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._queue: deque[Pending] = deque()
+        self._by_key: dict[Hashable, Pending] = {}
+        self._owed = 0
+        self.accepted = 0
+        self.coalesced = 0
+        self.dropped = 0
+
+    def offer(self, command: Command) -> str:
+        """'queued', 'coalesced' or 'full' (counted as dropped)."""
+        key = TABLE[command.name].coalesce(command) if command.name in TABLE else None
+        rid = command.request_id
+        with self._lock:
+            pending = self._by_key.get(key) if key is not None else None
+            if pending is not None and rid in pending.request_ids:
+                self.coalesced += 1
+                return "coalesced"
+            if self._owed >= self.capacity:
+                self.dropped += 1
+                return "full"
+            self._owed += 1
+            self.accepted += 1
+            if pending is not None:
+                pending.request_ids.append(rid)
+                self.coalesced += 1
+                return "coalesced"
+            pending = Pending(command, key, [rid])
+            self._queue.append(pending)
+            if key is not None:
+                self._by_key[key] = pending
+            return "queued"
+
+    def take(self) -> Pending | None:
+        """The oldest command; its slots stay owed until :meth:`release`."""
+        with self._lock:
+            if not self._queue:
+                return None
+            pending = self._queue.popleft()
+            if pending.key is not None and self._by_key.get(pending.key) is pending:
+                del self._by_key[pending.key]
+            return pending
+
+    def release(self, pending: Pending) -> None:
+        """Its requests are answered: free their slots (once, however often it is called)."""
+        with self._lock:
+            if pending.released:
+                return
+            pending.released = True
+            self._owed = max(0, self._owed - len(pending.request_ids))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def owed(self) -> int:
+        with self._lock:
+            return self._owed
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"queued": len(self._queue), "owed": self._owed, "accepted": self.accepted,
+                    "coalesced": self.coalesced, "dropped": self.dropped}
+
+
+def busy_error(queue: CommandQueue) -> str:
+    return (f"busy: command queue full ({queue.capacity} requests waiting, {queue.dropped} refused so far); "
+            "the command was not run, send it again later")
+
+
+# --- the handlers -----------------------------------------------------------------------------------
+
+
+class AgentPort(Protocol):
+    """What the command handlers need of the service (agent.service.Agent provides it)."""
+
+    def command_reply(self, name: str, request_id: Any, ok: bool, error: str | None, data: dict[str, Any]) -> None:
+        ...
+
+    def trigger_frame(self) -> tuple[dict[str, Any] | None, str | None, str | None]:
+        """(verdict payload, None, frame id) for a taken frame, or (None, why not, frame id or None)."""
+        ...
+
+    def reload_bundle(self, why: str) -> tuple[bool, str, dict[str, Any] | None]:
+        """(ok, message, model) after loading the bundle again."""
+        ...
+
+    def gradcam_allowed(self) -> str | None:
+        """Why Grad-CAM is refused, or None."""
+        ...
+
+    def recent_frame(self, frame_id: str) -> Any | None: ...
+
+    def recent_count(self) -> int: ...
+
+    def gradcam_publish(self, record: Any) -> tuple[bytes | None, str]:
+        """Compute and publish the overlay for a frame: (jpeg, "") or (None, why not)."""
+        ...
+
+    @property
+    def gradcam_topic(self) -> str: ...
+
+
+class CommandHandlers:
+    """trigger, gradcam and reload, run on the frame-loop thread."""
+
+    def __init__(self, port: AgentPort, queue: CommandQueue, clock: Callable[[], float] = time.monotonic) -> None:
+        self.port = port
+        self.queue = queue
+        self.clock = clock
+        self.next_frame: list[Pending] = []  # gradcam requests waiting for the next inspected frame
+
+    def reply(self, pending: Pending, ok: bool, error: str | None = None, **data: Any) -> None:
+        """Answer every request the command stands for, then free their slots."""
+        for rid in pending.request_ids:
+            self.port.command_reply(pending.name, rid, ok, error, data)
+        pending.held = False
+        self.queue.release(pending)
+
+    def trigger(self, pending: Pending) -> None:
+        payload, why, frame_id = self.port.trigger_frame()
+        if payload is None:
+            extra = {"frame_id": frame_id} if frame_id else {}
+            self.reply(pending, ok=False, error=why, **extra)
+            return
+        self.reply(pending, ok=True, frame_id=payload["id"], verdict=payload["verdict"], score=payload["score"],
+                   confidence=payload["confidence"])
+
+    def reload(self, pending: Pending) -> None:
+        ok, text, model = self.port.reload_bundle("cmd/reload")
+        if ok:
+            self.reply(pending, ok=True, model=model)
+        else:
+            self.reply(pending, ok=False, error=text, model=model)
+
+    def gradcam(self, pending: Pending) -> None:
+        refused = self.port.gradcam_allowed()
+        if refused:
+            self.reply(pending, ok=False, error=refused)
+            return
+        frame_id = pending.command.body.get("frame_id")
+        if frame_id is None:
+            pending.held = True
+            pending.deadline = self.clock() + GRADCAM_WAIT_S
+            self.next_frame.append(pending)
+            return
+        record = self.port.recent_frame(frame_id)
+        if record is None:
+            self.reply(pending, ok=False, frame_id=frame_id,
+                       error=f"frame {frame_id!r} is not among the last {self.port.recent_count()} frames kept "
+                             "(gradcam.keep_frames); ask sooner, or send {} for the next frame")
+            return
+        self._answer_gradcam([pending], record)
+
+    def _answer_gradcam(self, waiting: list[Pending], record: Any) -> None:
+        jpeg, error = self.port.gradcam_publish(record)  # once, however many asked
+        for pending in waiting:
+            if jpeg is None:
+                self.reply(pending, ok=False, frame_id=record.frame_id, error=error)
+            else:
+                self.reply(pending, ok=True, frame_id=record.frame_id, topic=self.port.gradcam_topic,
+                           bytes=len(jpeg))
+
+    def after_frame(self, record: Any) -> bool:
+        """Answer the requests waiting for the next frame with this one; True if there were any."""
+        waiting, self.next_frame = self.next_frame, []
+        if waiting:
+            self._answer_gradcam(waiting, record)
+        return bool(waiting)
+
+    def expire(self, now: float) -> None:
+        if not self.next_frame:
+            return
+        keep = []
+        for pending in self.next_frame:
+            if now < pending.deadline:
+                keep.append(pending)
+            else:
+                self.reply(pending, ok=False, error=f"no frame was inspected within {GRADCAM_WAIT_S:g} s")
+        self.next_frame = keep
+
+
+class CommandRunner:
+    """Runs queued commands for a bounded time per loop turn."""
+
+    def __init__(self, queue: CommandQueue, handlers: CommandHandlers, budget_s: float = COMMAND_BUDGET_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.queue = queue
+        self.handlers = handlers
+        self.budget_s = budget_s
+        self.clock = clock
+
+    def drain(self, keepalive: Callable[[], None], should_stop: Callable[[], bool]) -> int:
+        """Run commands until the queue is empty, the budget is spent or a stop is asked; the count run.
+
+        At least one command runs per call (when there is one and no stop), so a slow command cannot
+        block the others for ever; ``keepalive`` (the watchdog ping) runs after each."""
+        deadline = self.clock() + self.budget_s
+        ran = 0
+        while not should_stop():
+            pending = self.queue.take()
+            if pending is None:
+                break
+            self._run(pending)
+            ran += 1
+            keepalive()
+            if self.clock() >= deadline:
+                break
+        return ran
+
+    def _run(self, pending: Pending) -> None:
+        try:
+            TABLE[pending.name].run(self.handlers, pending)
+        except Exception as exc:  # a command must never take the service down
+            logger.exception("command %s failed", pending.name)
+            self.handlers.reply(pending, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+            return
+        if not pending.held:
+            self.queue.release(pending)  # normally answered and released already; never leak its slots
