@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 COMMAND_QUEUE_MAX = 256  # replies owed (queued or waiting for the next frame) at most
 COMMAND_BUDGET_S = 0.05  # command time per loop turn, beyond the first command
 GRADCAM_WAIT_S = 60.0  # a "next frame" Grad-CAM request fails if no frame comes within this
+MERGE_WINDOW_S = 1.0  # "next frame" Grad-CAM requests this close together share one wait and one answer
 ERROR_REPLY_BURST = 20  # refusals answered at once before the rate applies
 ERROR_REPLY_PER_S = 5.0  # refusals answered per second in a flood (the rest are counted and logged)
 
@@ -240,6 +241,16 @@ class CommandQueue:
             pending.released = True
             self._owed = max(0, self._owed - len(pending.request_ids))
 
+    def merge(self, src: Pending, dst: Pending) -> None:
+        """Fold ``src``'s requests into ``dst`` (both taken): one answer per distinct id, slots freed."""
+        with self._lock:
+            fresh = [rid for rid in src.request_ids if rid not in dst.request_ids]
+            dst.request_ids.extend(fresh)
+            if not src.released:
+                src.released = True
+                self._owed = max(0, self._owed - (len(src.request_ids) - len(fresh)))
+                self.coalesced += len(src.request_ids) - len(fresh)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._queue)
@@ -332,9 +343,7 @@ class CommandHandlers:
             return
         frame_id = pending.command.body.get("frame_id")
         if frame_id is None:
-            pending.held = True
-            pending.deadline = self.clock() + GRADCAM_WAIT_S
-            self.next_frame.append(pending)
+            self._wait_for_next_frame(pending)
             return
         record = self.port.recent_frame(frame_id)
         if record is None:
@@ -343,6 +352,17 @@ class CommandHandlers:
                              "(gradcam.keep_frames); ask sooner, or send {} for the next frame")
             return
         self._answer_gradcam([pending], record)
+
+    def _wait_for_next_frame(self, pending: Pending) -> None:
+        """Hold the request until a frame comes; requests less than a second apart wait as one."""
+        deadline = self.clock() + GRADCAM_WAIT_S
+        newest = self.next_frame[-1] if self.next_frame else None
+        if newest is not None and deadline - newest.deadline < MERGE_WINDOW_S:
+            self.queue.merge(pending, newest)
+            return
+        pending.held = True
+        pending.deadline = deadline
+        self.next_frame.append(pending)
 
     def _answer_gradcam(self, waiting: list[Pending], record: Any) -> None:
         jpeg, error = self.port.gradcam_publish(record)  # once, however many asked

@@ -137,7 +137,10 @@ def test_a_command_flood_does_not_starve_verdicts_and_sigterm_stops_promptly(
         assert {None} <= {r["request_id"] for r in results if r["ok"]}
         assert len(results) < 1500  # coalesced: nowhere near one answer per request
         gradcams = rec.json_on(f"{BASE}/cmd/gradcam/result")
-        assert 1 <= len(gradcams) <= 5 and all(g["ok"] for g in gradcams)  # 1000 requests, one per frame
+        answered = [g for g in gradcams if g["ok"]]
+        assert 1 <= len(answered) <= 5  # 1000 requests for the next frame: waiting together, answered once
+        refused = [g for g in gradcams if not g["ok"]]  # the reloads' ids may have filled the queue meanwhile
+        assert len(refused) <= 15 and all(g["error"].startswith("busy: command queue full") for g in refused)
 
         # 2. No frames for a while and 1000 distinct "next frame" gradcam requests: the queue holds its
         #    256, the rest are refused "busy" (rate-limited answers, counted), one overlay answers the 256.

@@ -160,13 +160,21 @@ def test_gradcam_for_the_next_frame_waits_coalesced_and_expires() -> None:
     assert not port.replies and queue.owed >= 2  # waiting for a frame, slots held
     assert handlers.after_frame(Record("f2")) is True
     assert port.gradcams == 1  # one overlay for every waiting request
-    assert {r[1] for r in port.replies} == {None, "late"} and all(r[4]["frame_id"] == "f2" for r in port.replies)
+    assert [r[1] for r in port.replies] == [None, "late"]  # one answer per distinct id
+    assert all(r[4]["frame_id"] == "f2" for r in port.replies)
     assert queue.owed == 0 and handlers.after_frame(Record("f3")) is False
     queue.offer(Command("gradcam", {"id": "slow"}))
     drain_all(runner)
-    clock.now += 61
+    clock.now += 2
+    queue.offer(Command("gradcam", {"id": "slower"}))  # more than a second later: waits on its own
+    drain_all(runner)
+    assert len(handlers.next_frame) == 2
+    clock.now += 59
     handlers.expire(clock.now)
-    assert port.replies[-1][1] == "slow" and "no frame was inspected within 60 s" in (port.replies[-1][3] or "")
+    assert port.replies[-1][1] == "slow" and len(handlers.next_frame) == 1
+    clock.now += 2
+    handlers.expire(clock.now)
+    assert port.replies[-1][1] == "slower" and "no frame was inspected within 60 s" in (port.replies[-1][3] or "")
     assert queue.owed == 0
 
 
