@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
 from agent.commands import Command, CommandError, ReplyLimiter, parse_command_body
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, open_file_problems
 
 logger = logging.getLogger(__name__)
 
@@ -287,13 +287,9 @@ class MqttLink:
         will = availability_message(topics, online=False)
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if m.username:
-            client.username_pw_set(m.username, cfg.password())
+            client.username_pw_set(m.username, self._password())
         if m.tls.enabled:
-            client.tls_set(
-                ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file,
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            client.tls_insecure_set(m.tls.insecure)
+            self._set_tls(client)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -301,6 +297,27 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self.client = client
+
+    def _password(self) -> str | None:
+        try:
+            return self.cfg.password()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"mqtt.password_file: cannot read {self.cfg.mqtt.password_file} ({exc}); fix the "
+                               "file or its permissions (the service's user must read it)"],
+                              self.cfg.config_path or "config") from exc
+
+    def _set_tls(self, client: paho.Client) -> None:
+        """TLS as the config says; a file that cannot be loaded is a ConfigError naming its key."""
+        t = self.cfg.mqtt.tls
+        try:
+            client.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            problems = open_file_problems(self.cfg) or [
+                f"mqtt.tls: the TLS files (ca_file {t.ca_file}, cert_file {t.cert_file}, key_file {t.key_file}) "
+                f"cannot be loaded ({exc}); fix the paths, make them readable by the service, use PEM files"]
+            raise ConfigError(problems, self.cfg.config_path or "config") from exc
+        client.tls_insecure_set(t.insecure)
 
     @property
     def reconnects(self) -> int:

@@ -146,25 +146,47 @@ class Agent:
     # --- setup ---
 
     def _setup(self) -> None:
+        """Open storage, the outbox and the MQTT client, then start the threads. A problem found here
+        (unreadable TLS file, outbox that cannot be opened) raises ConfigError naming the key and the fix."""
         cfg = self.cfg
-        storage = cfg.storage_dir
-        storage.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(storage / "outbox.sqlite3", cfg.outbox.max_messages, on_drop=self._outbox_dropped)
-        self.evidence = Evidence(storage, cfg.storage)
-        self.link = MqttLink(cfg, self.topics, LinkCallbacks(
-            on_command=self._queue_command,
-            on_published=self._on_published,
-            on_ready=lambda: self.deliverer.set_online(True),
-            on_down=lambda: self.deliverer.set_online(False),
-            on_connected=self._on_connected,
-            discovery=self._discovery,
-        ))
+        self._open_storage()
+        try:
+            self.link = MqttLink(cfg, self.topics, LinkCallbacks(
+                on_command=self._queue_command,
+                on_published=self._on_published,
+                on_ready=lambda: self.deliverer.set_online(True),
+                on_down=lambda: self.deliverer.set_online(False),
+                on_connected=self._on_connected,
+                discovery=self._discovery,
+            ))
+        except ConfigError:
+            self.outbox.close()
+            raise
         self.deliverer = Deliverer(self.outbox, self._hand_over, window=cfg.mqtt.max_inflight)
         self.source = ManagedSource(make_source(cfg, new_run_id()), cfg.capture, on_change=self._source_changed)
         self.deliverer.start()
         self.link.start()
         if cfg.metrics.enabled:
             self._start_metrics()
+
+    def _open_storage(self) -> None:
+        cfg = self.cfg
+        storage = cfg.storage_dir
+        path = storage / "outbox.sqlite3"
+        source = cfg.config_path or "config"
+        try:
+            storage.mkdir(parents=True, exist_ok=True)
+            self.outbox = Outbox(path, cfg.outbox.max_messages, on_drop=self._outbox_dropped)
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError([f"storage.dir: the outbox {path} cannot be opened ({type(exc).__name__}: {exc}); "
+                               "give storage.dir a writable folder with free space, or move a damaged "
+                               "outbox.sqlite3 aside (its undelivered verdicts are in it)"], source) from exc
+        try:
+            self.evidence = Evidence(storage, cfg.storage)
+        except OSError as exc:
+            self.outbox.close()
+            raise ConfigError([f"storage.dir: the evidence folder {storage / 'evidence'} cannot be used "
+                               f"({exc.strerror or exc}); give storage.dir a writable folder"], source) from exc
 
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
@@ -269,7 +291,11 @@ class Agent:
         logger.info("model %s (manifest sha256 %s), threshold %.6f", bundle.name, bundle.manifest_sha256[:12],
                     bundle.threshold)
         self._install_signals()
-        self._setup()
+        try:
+            self._setup()
+        except ConfigError as exc:
+            logger.error("cannot start: %s", exc)
+            return EX_CONFIG
         try:
             self._loop()
         finally:
