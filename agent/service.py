@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -69,8 +70,21 @@ BUSY_REPLY_PER_S = 1.0  # ... then this many per second: a flood must not become
 
 
 def load_agent_bundle(cfg: AgentConfig) -> Bundle:
-    """The configured bundle, with the config's ROI (if any) replacing the bundle's."""
-    bundle = load_bundle(cfg.bundle, num_threads=cfg.threads)
+    """The configured bundle, with the config's ROI (if any) replacing the bundle's.
+
+    Raises BundleError for anything wrong with it, also for what the loader did not foresee (an error of
+    another type while loading is a bundle the agent cannot use, not a reason to crash), and for a
+    threshold that is not a finite number (a verdict with NaN cannot even be written as JSON)."""
+    try:
+        bundle = load_bundle(cfg.bundle, num_threads=cfg.threads)
+    except (BundleError, ImportError):
+        raise
+    except Exception as exc:
+        raise BundleError(f"bundle {cfg.bundle}: cannot be loaded ({type(exc).__name__}: {exc}); re-export it "
+                          "with yugami-train, or copy it again if it was damaged") from exc
+    if not math.isfinite(bundle.threshold):
+        raise BundleError(f"bundle {cfg.bundle}/manifest.json: 'threshold.value' must be a finite number, not "
+                          f"{bundle.threshold!r}; re-export the bundle with yugami-train")
     if cfg.capture.roi is not None:
         roi = tuple(cfg.capture.roi)
         bundle = dataclasses.replace(bundle, preprocessing=bundle.preprocessing.with_roi(roi))  # type: ignore[arg-type]
@@ -472,19 +486,37 @@ class Agent:
         return self.topics.gradcam
 
     def _reload(self, why: str) -> tuple[bool, str]:
-        """Load the bundle again; on any problem keep the current one. Returns (ok, message)."""
-        assert self.scorer is not None
+        """Load the bundle again; on any problem keep the current one. Returns (ok, message).
+
+        Never raises: READY=1 follows every RELOADING=1, whatever happened, so systemd's reload job ends
+        and the service goes on with the bundle it had."""
         self.notifier.reloading()
+        status = "reload failed"
+        try:
+            ok, text = self._swap_bundle(why)
+            status = self._status_line() if ok else f"reload refused: {text}"
+            return ok, text
+        except Exception as exc:  # a reload must never take the service down
+            logger.exception("reload (%s) failed unexpectedly; keeping the bundle in use", why)
+            text = f"reload failed, keeping the bundle in use: {type(exc).__name__}: {exc}"
+            status = text
+            self._reload_refused(text)
+            return False, text
+        finally:
+            self.notifier.ready(status=status)
+
+    def _swap_bundle(self, why: str) -> tuple[bool, str]:
+        assert self.scorer is not None
         old = self.scorer.bundle
         try:
             bundle = load_agent_bundle(self.cfg)
+            scorer = Scorer(bundle)
         except (BundleError, ImportError) as exc:
             text = f"bundle refused, keeping {old.name} ({old.manifest_sha256[:12]}): {exc}"
             logger.error("reload (%s): %s", why, text)
-            self._event("reload_refused", error=str(exc), model={"name": old.name, "sha256": old.manifest_sha256})
-            self.notifier.ready(status=f"reload refused: {exc}")
+            self._reload_refused(str(exc))
             return False, text
-        self.scorer = Scorer(bundle)
+        self.scorer = scorer
         self.recent.clear()  # cached embeddings belong to the old model
         logger.info("reload (%s): model %s (%s) replaces %s (%s)", why, bundle.name, bundle.manifest_sha256[:12],
                     old.name, old.manifest_sha256[:12])
@@ -492,8 +524,15 @@ class Agent:
         discovery = self._discovery()
         if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
             self.link.publish(discovery)
-        self.notifier.ready(status=self._status_line())
         return True, "reloaded"
+
+    def _reload_refused(self, error: str) -> None:
+        bundle = self.scorer.bundle if self.scorer else None
+        model = {"name": bundle.name, "sha256": bundle.manifest_sha256} if bundle else None
+        try:
+            self._event("reload_refused", error=error, model=model)
+        except Exception:  # the event is a report; failing to send it must not fail the reload's answer
+            logger.exception("cannot publish the reload_refused event")
 
     def _gradcam_after_frame(self, record: Recent, verdict: str) -> None:
         answered = self.handlers.after_frame(record)
