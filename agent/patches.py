@@ -19,6 +19,7 @@ the bank and the device's frames are read the same way.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,17 +39,20 @@ class PatchSpec:
 
     @classmethod
     def from_manifest(cls, d: Any) -> PatchSpec:
+        """Validate the manifest's ``patch`` entry; a ValueError names the key (``patch.grid``, ...)."""
         if not isinstance(d, dict):
-            raise ValueError('must be an object like {"outputs": ["patch_0", ...], "grid": [28, 28]}')
+            raise ValueError('\'patch\' must be an object like {"outputs": ["patch_0", ...], "grid": [28, 28]}')
         outputs = d.get("outputs")
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
-            raise ValueError("'outputs' must be a non-empty list of output names")
+            raise ValueError("'patch.outputs' must be a non-empty list of output names")
+        if len(set(outputs)) != len(outputs):
+            raise ValueError(f"'patch.outputs' names an output twice: {outputs}")
         grid = d.get("grid")
-        if not isinstance(grid, list) or len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
-            raise ValueError("'grid' must be [height, width], two positive integers")
+        if not isinstance(grid, list) or len(grid) != 2 or not all(_is_int(g) and g > 0 for g in grid):
+            raise ValueError("'patch.grid' must be [height, width], two positive integers")
         smoothing = d.get("smoothing", SMOOTHING)
-        if not isinstance(smoothing, int) or smoothing < 1 or smoothing % 2 == 0:
-            raise ValueError("'smoothing' must be a positive odd integer")
+        if not _is_int(smoothing) or smoothing < 1 or smoothing % 2 == 0:
+            raise ValueError("'patch.smoothing' must be a positive odd integer")
         return cls(outputs=tuple(outputs), grid=(grid[0], grid[1]), smoothing=smoothing)
 
     def to_manifest(self) -> dict[str, Any]:
@@ -170,17 +174,50 @@ class Fusion:
 
     @classmethod
     def from_manifest(cls, d: Any) -> Fusion:
+        """Validate the manifest's ``scoring.fusion`` entry; a ValueError names the key."""
         if not isinstance(d, dict):
-            raise ValueError("'fusion' must be an object with gem_mean, gem_std, patch_mean, patch_std")
+            raise ValueError("'scoring.fusion' must be an object with gem_mean, gem_std, patch_mean, patch_std")
         values = {}
         for key in ("gem_mean", "gem_std", "patch_mean", "patch_std"):
-            v = d.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-                raise ValueError(f"'fusion.{key}' must be a finite number, not {v!r}")
-            values[key] = float(v)
+            v = _finite_float(d.get(key))
+            if v is None:
+                raise ValueError(f"'scoring.fusion.{key}' must be a finite number, not {_short(d.get(key))}")
+            values[key] = v
         if values["gem_std"] <= 0 or values["patch_std"] <= 0:
-            raise ValueError("'fusion.gem_std' and 'fusion.patch_std' must be positive")
+            raise ValueError("'scoring.fusion.gem_std' and 'scoring.fusion.patch_std' must be positive")
         return cls(**values)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite_float(v: Any) -> float | None:
+    """``v`` as a float when it is a JSON number (not a boolean) with a finite value, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond float range
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**18:
+        return "an integer beyond float range" if _finite_float(v) is None else "a very large integer"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 SCORINGS = ("gem", "patch", "fused")
+
+
+def worst_cells(distances: np.ndarray, top_k: int = 1) -> np.ndarray:
+    """A frame's patch score: the mean of its ``top_k`` largest cell distances (``top_k`` 1: the
+    largest). ``distances``: (cells,) for one frame or (frames, cells)."""
+    d = np.asarray(distances, np.float64)
+    k = max(1, min(int(top_k), d.shape[-1]))
+    if k == 1:
+        return d.max(axis=-1)
+    return np.partition(d, d.shape[-1] - k, axis=-1)[..., -k:].mean(axis=-1)
