@@ -36,6 +36,7 @@ class PatchSpec:
     outputs: tuple[str, ...]  # roles in tflite.outputs, highest resolution first
     grid: tuple[int, int]  # (height, width) of the map all layers are brought to
     smoothing: int = SMOOTHING
+    top_k: int = 1  # a frame's patch score: the mean of its top_k worst cells (absent in older bundles: 1)
 
     @classmethod
     def from_manifest(cls, d: Any) -> PatchSpec:
@@ -53,10 +54,19 @@ class PatchSpec:
         smoothing = d.get("smoothing", SMOOTHING)
         if not _is_int(smoothing) or smoothing < 1 or smoothing % 2 == 0:
             raise ValueError("'patch.smoothing' must be a positive odd integer")
-        return cls(outputs=tuple(outputs), grid=(grid[0], grid[1]), smoothing=smoothing)
+        top_k = d.get("top_k", 1)
+        top_k = 1 if top_k is None else top_k
+        if not _is_int(top_k) or not 1 <= top_k <= grid[0] * grid[1]:
+            raise ValueError("'patch.top_k' must be an integer from 1 to the grid's cell count")
+        return cls(outputs=tuple(outputs), grid=(grid[0], grid[1]), smoothing=smoothing, top_k=top_k)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"outputs": list(self.outputs), "grid": list(self.grid), "smoothing": self.smoothing}
+        return {
+            "outputs": list(self.outputs),
+            "grid": list(self.grid),
+            "smoothing": self.smoothing,
+            "top_k": self.top_k,
+        }
 
 
 def grid_for(first_map_hw: tuple[int, int]) -> tuple[int, int]:

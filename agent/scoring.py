@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import Bundle, EmbeddingSpec
-from agent.patches import nearest_distances, patch_features
+from agent.patches import nearest_distances, patch_features, worst_cells
 from agent.preprocess import prepare_rgb, scale_to_float
 from agent.runtime import TensorInfo, TFLiteModel, quantize
 
@@ -164,7 +164,7 @@ class Scorer:
         b = self.bundle
         if b.scoring == "embedding" or emb.patch_map is None:
             return gem, nearest, None
-        patch = float(emb.patch_map.max())
+        patch = float(worst_cells(emb.patch_map.reshape(-1), b.patch.top_k if b.patch else 1))
         if b.scoring == "patch" or b.fusion is None:
             return patch, nearest, None
         return float(b.fusion.fuse(gem, patch)), nearest, {"gem": gem, "patch": patch}

@@ -12,6 +12,11 @@ recall at 1 % / 5 % false alarms, and the expected false-alarm rate the manifest
 
     python bench/decisions.py                       # both data sets, every variant
     python bench/decisions.py --datasets mvtec_screw --variants default
+    python bench/decisions.py --seeds 0 1 2 --variants default --evaluate   # the README's figures
+
+``--evaluate`` also runs ``yugami-eval``'s own :func:`trainer.evaluate.evaluate` on each seed's bundle
+(the int8 model through the agent's Scorer, pixel AUROC / AUPRO of the anomaly map and Grad-CAM where
+the data set has masks) and reports the median over seeds.
 """
 
 from __future__ import annotations
@@ -45,15 +50,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rows4800": {"patch_bank_rows": 4800},
     "far0.02": {"far": 0.02},
     "far0.05": {"far": 0.05},
+    "top3": {"patch_top_k": 3},
+    "top10": {"patch_top_k": 10},
+    "top30": {"patch_top_k": 30},
 }
 
 
-def bundle_for(dataset: str, work: Path) -> Path:
+def bundle_for(dataset: str, work: Path, seed: int = 0) -> Path:
     from trainer.train import TrainConfig, train
 
-    out = work / dataset / "bundle"
+    out = work / dataset / ("bundle" if seed == 0 else f"bundle_s{seed}")
     if not (out / "manifest.json").is_file():
-        train(TrainConfig(data_dir=SHARED / "data" / dataset, out=out, progress=False, model=_model_cfg()))
+        t0 = time.perf_counter()
+        train(TrainConfig(data_dir=SHARED / "data" / dataset, out=out, progress=False, seed=seed, model=_model_cfg()))
+        (out.parent / f"{out.name}.train_s").write_text(f"{time.perf_counter() - t0:.1f}\n")
     return out
 
 
@@ -63,17 +73,17 @@ def _model_cfg():
     return ModelConfig(weights=str(WEIGHTS))
 
 
-def features(dataset: str, work: Path) -> dict[str, np.ndarray]:
-    """int8 features of train/good and test/*, cached in WORK/DATASET/features.npz."""
+def features(dataset: str, work: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """int8 features of train/good and test/*, cached in WORK/DATASET/features[_sSEED].npz."""
     from agent.bundle import load_bundle
     from trainer import data
     from trainer.export import tflite_features
 
-    cache = work / dataset / "features.npz"
+    cache = work / dataset / ("features.npz" if seed == 0 else f"features_s{seed}.npz")
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    bundle = load_bundle(bundle_for(dataset, work))
+    bundle = load_bundle(bundle_for(dataset, work, seed))
     model_bytes = (bundle.path / "embedder.tflite").read_bytes()
     ds = data.find_dataset(SHARED / "data" / dataset)
     spec = bundle.preprocessing
@@ -97,19 +107,13 @@ def features(dataset: str, work: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_scores(cal: Any, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """GeM, patch and fused scores of the test pictures against the variant's banks, as the agent scores."""
-    from agent.patches import Fusion, PatchBank, nearest_distances
-    from agent.scoring import cosine_scores
+def test_scores(cal: Any, feats: dict[str, np.ndarray], scoring: str) -> np.ndarray:
+    """The test pictures' scores against the variant's banks, as the agent scores (the trainer's
+    :meth:`trainer.train.Calibrated.score`, which the manifest's scoring drives)."""
+    import dataclasses as dc
 
-    bank = cal.bank.astype(np.float32)
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    gem = cosine_scores(feats["test_emb"], bank)[0]
-    pbank = PatchBank.of(cal.patch_bank.astype(np.float32))
-    patch = np.array([nearest_distances(f.astype(np.float32), pbank).max() for f in feats["test_patch"]])
-    fusion = cal.manifest["scoring"].get("fusion")
-    fused = Fusion.from_manifest(fusion).fuse(gem, patch) if fusion else None
-    return {"gem": gem, "patch": patch, "fused": fused}
+    manifest = {**cal.manifest, "scoring": {**cal.manifest["scoring"], "method": scoring}}
+    return dc.replace(cal, manifest=manifest).score(feats["test_emb"], feats["test_patch"])
 
 
 def row(dataset: str, variant: str, cal: Any, scores: np.ndarray, types: np.ndarray) -> dict[str, Any]:
@@ -132,20 +136,61 @@ def row(dataset: str, variant: str, cal: Any, scores: np.ndarray, types: np.ndar
     }
 
 
-def run_variant(dataset: str, variant: str, feats: dict[str, np.ndarray]) -> dict[str, Any]:
+def run_variant(dataset: str, variant: str, feats: dict[str, np.ndarray], seed: int = 0) -> dict[str, Any]:
     from trainer.train import TrainConfig, calibrate_bundle
 
-    cfg = dataclasses.replace(
-        TrainConfig(data_dir=SHARED / "data" / dataset, out=Path("unused"), progress=False), **VARIANTS[variant]
-    )
+    base = TrainConfig(data_dir=SHARED / "data" / dataset, out=Path("unused"), progress=False, seed=seed)
+    cfg = dataclasses.replace(base, **VARIANTS[variant])
     t0 = time.perf_counter()
     # calibrate_bundle standardises and thresholds the chosen scoring; patch features are always
     # given so that GeM-only variants still report the patch and fused columns' inputs
     cal = calibrate_bundle(cfg, feats["train_emb"], feats["train_patch"])
-    scores = test_scores(cal, feats)
-    r = row(dataset, variant, cal, scores[cfg.scoring], feats["test_types"])
+    r = row(dataset, variant, cal, test_scores(cal, feats, cfg.scoring), feats["test_types"])
+    r["seed"] = seed
     r["calibration_s"] = round(time.perf_counter() - t0, 1)
     return r
+
+
+EVAL_KEYS = (
+    "image_auroc", "recall_at_threshold", "far_at_threshold", "f1_max", "pixel_auroc_anomaly_map",
+    "aupro_anomaly_map", "pixel_auroc_gradcam", "aupro_gradcam",
+)
+
+
+def evaluate_bundle(dataset: str, work: Path, seed: int) -> dict[str, Any]:
+    """yugami-eval's figures of one seed's default bundle (the agent's int8 path, end to end)."""
+    import json as _json
+
+    from trainer.evaluate import evaluate
+
+    bundle = bundle_for(dataset, work, seed)
+    result = evaluate(bundle, SHARED / "data" / dataset)
+    manifest = _json.loads((bundle / "manifest.json").read_text())
+    train_s = bundle.parent / f"{bundle.name}.train_s"
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        **{k: result.get(k) for k in EVAL_KEYS},
+        "threshold": result["threshold"],
+        "expected_far": manifest["threshold"]["expected_false_alarm_rate"]["estimate"],
+        "bundle_MiB": sum(f.stat().st_size for f in bundle.iterdir()) / 2**20,
+        "train_s": float(train_s.read_text()) if train_s.is_file() else None,
+    }
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        med: dict[str, Any] = {"dataset": dataset, "seed": f"median of {len(mine)}"}
+        for k in mine[0]:
+            values = [r[k] for r in mine if isinstance(r[k], (int, float)) and r[k] is not None]
+            if k not in med and values and len(values) == len(mine):
+                med[k] = float(np.median(values))
+            elif k not in med:
+                med[k] = "-"
+        out.append(med)
+    return out
 
 
 def fmt(v: Any) -> str:
@@ -169,21 +214,30 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--work", type=Path, default=Path("runs/decisions"))
     p.add_argument("--results", default="decisions", help="name of the bench/results/NAME.{md,json} files")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train seeds (one bundle each)")
+    p.add_argument("--evaluate", action="store_true", help="also yugami-eval each seed's default bundle")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    rows = []
+    rows, evals = [], []
     for dataset in args.datasets:
         (args.work / dataset).mkdir(parents=True, exist_ok=True)
-        feats = features(dataset, args.work)
-        for variant in args.variants:
-            rows.append(run_variant(dataset, variant, feats))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-    text = (
-        f"# Decisions at the shipped threshold\n\n{json.dumps(machine())}\n\n"
-        f"`python bench/decisions.py --datasets {' '.join(args.datasets)} --variants {' '.join(args.variants)}`\n\n"
-        + table(rows)
-        + "\n"
+        for seed in args.seeds:
+            if args.evaluate:
+                evals.append(evaluate_bundle(dataset, args.work, seed))
+                print(table(evals[-1:]).splitlines()[-1], flush=True)
+            feats = features(dataset, args.work, seed)
+            for variant in args.variants:
+                rows.append(run_variant(dataset, variant, feats, seed))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    command = (
+        f"python bench/decisions.py --datasets {' '.join(args.datasets)} --variants {' '.join(args.variants)} "
+        f"--seeds {' '.join(map(str, args.seeds))}" + (" --evaluate" if args.evaluate else "")
     )
+    text = f"# Decisions at the shipped threshold\n\n{json.dumps(machine())}\n\n`{command}`\n\n"
+    if evals:
+        text += "## yugami-eval of the default bundle, per seed\n\n" + table(evals + medians(evals)) + "\n\n"
+    text += "## Variants, from cached int8 features (calibration re-run per variant)\n\n" + table(rows) + "\n"
+    rows = {"evaluate": evals, "variants": rows}  # type: ignore[assignment]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.results}.md").write_text(text)
     (RESULTS / f"{args.results}.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -153,12 +153,13 @@ def out_of_fold_scores(
     patch_rows: int,
     bank_size: int | None = None,
     seed: int = 0,
+    top_k: int = 1,
 ) -> dict[str, np.ndarray]:
     """Every normal picture scored against banks built without its fold, the same way and to the same
     size as the banks that ship: what a new normal frame scores on the device. Keys ``gem`` (1 - max
     cosine, (n,)) and, with patch features, ``patch`` (largest cell distance, (n,)) and ``cells``
     (every cell's distance, (n, cells))."""
-    from agent.patches import PatchBank, nearest_distances
+    from agent.patches import PatchBank, nearest_distances, worst_cells
     from agent.scoring import cosine_scores
     from trainer.bank import build_bank, patch_coreset
 
@@ -176,7 +177,7 @@ def out_of_fold_scores(
             for k in fold:
                 out["cells"][k] = nearest_distances(patch_feats[k].astype(np.float32), patch_bank)
     if "cells" in out:
-        out["patch"] = out["cells"].max(axis=1).astype(np.float64)
+        out["patch"] = worst_cells(out["cells"], top_k)
     return out
 
 

@@ -44,6 +44,7 @@ from trainer.model import PATCH_INPUT_FACTOR, PATCH_LAYERS, ModelConfig, export_
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "yugami-mobilenetv2"
+PATCH_TOP_K = 1
 PATCH_BANK_ROWS = 2400  # exact search of 784 cells x 2400 rows x 248 dims: ~10 ms, 1 thread (bench/speed.py)
 DEBUG_PICTURE = "localization.png"
 DEBUG_PANEL_PX = 112
@@ -65,7 +66,8 @@ class TrainConfig:
     far: float = calibrate.DEFAULT_FAR  # target false-alarm rate of the threshold
     bank_size: int | None = None  # None: as many as fit in bank.npz < 1 MB
     scoring: str = "fused"  # fused | gem | patch (agent.patches; docs/TRAINING.md "scoring")
-    patch_bank_rows: int = PATCH_BANK_ROWS  # rows of the patch bank (coreset), all folds together
+    patch_bank_rows: int = PATCH_BANK_ROWS  # rows of the patch bank (coreset of all training cells)
+    patch_top_k: int = PATCH_TOP_K  # a frame's patch score: the mean of its k worst cells
     folds: int = calibrate.DEFAULT_FOLDS  # calibration: each fold scored against a bank built without it
     defects: Path | None = None  # a folder of a few labelled defective pictures to place the threshold with
     threshold_rule: str = "f1"  # with defects: "f1" (best F1) or "recall" (flag target_recall of them)
@@ -215,7 +217,7 @@ class Calibrated:
     def score(self, emb: np.ndarray, patch_feats: np.ndarray | None) -> np.ndarray:
         """Scores of pictures outside the banks (features as :func:`tflite_features` gives them), the
         agent's arithmetic: 1 - max cosine, the worst cell's distance, or their fusion."""
-        from agent.patches import Fusion, PatchBank, nearest_distances
+        from agent.patches import Fusion, PatchBank, nearest_distances, worst_cells
         from agent.scoring import cosine_scores
 
         bank = self.bank.astype(np.float32)
@@ -224,7 +226,8 @@ class Calibrated:
         if method == "gem" or self.patch_bank is None or patch_feats is None:
             return gem
         pbank = PatchBank.of(self.patch_bank.astype(np.float32))
-        patch = np.array([nearest_distances(f.astype(np.float32), pbank).max() for f in patch_feats])
+        top_k = int(self.manifest["patch"].get("top_k", 1))
+        patch = np.array([worst_cells(nearest_distances(f.astype(np.float32), pbank), top_k) for f in patch_feats])
         if method == "patch":
             return patch
         return Fusion.from_manifest(self.manifest["scoring"]["fusion"]).fuse(gem, patch)
@@ -242,7 +245,9 @@ def calibrate_bundle(cfg: TrainConfig, emb: np.ndarray, patch_feats: np.ndarray 
     from trainer.bank import build_bank, patch_coreset
 
     folds = calibrate.fold_indices(emb.shape[0], cfg.folds, cfg.seed)
-    oof = calibrate.out_of_fold_scores(emb, patch_feats, folds, cfg.patch_bank_rows, cfg.bank_size, cfg.seed)
+    oof = calibrate.out_of_fold_scores(
+        emb, patch_feats, folds, cfg.patch_bank_rows, cfg.bank_size, cfg.seed, cfg.patch_top_k
+    )
     bank16, reduction = build_bank(emb, cfg.bank_size)
     entry: dict[str, Any] = {"scoring": {"method": "gem" if cfg.scoring == "gem" else cfg.scoring}}
     scores = oof["gem"]
@@ -253,7 +258,8 @@ def calibrate_bundle(cfg: TrainConfig, emb: np.ndarray, patch_feats: np.ndarray 
         entry["patch"] = {
             "layers": list(PATCH_LAYERS),
             "input": f"the model input averaged {PATCH_INPUT_FACTOR}x{PATCH_INPUT_FACTOR} (ImageNet weights)",
-            "score": "largest Euclidean distance of a cell's feature to its nearest patch-bank row",
+            "score": "mean of the top_k largest Euclidean distances of a cell's feature to its nearest bank row",
+            "top_k": cfg.patch_top_k,
             "reduction": f"greedy k-center on a {PATCH_PROJECTION_DIM}-d random projection of all training cells",
             "from_cells": int(patch_feats.shape[0] * patch_feats.shape[1]),
             # the anomaly map's colours: a normal frame's worst cell at the bottom, 6 std above it at the top

@@ -75,3 +75,15 @@ def test_patch_spec_round_trip_and_errors_name_the_key():
         PatchSpec.from_manifest({"outputs": ["patch_0"], "grid": [28]})
     with pytest.raises(ValueError, match="outputs"):
         PatchSpec.from_manifest({"outputs": "patch_0", "grid": [28, 28]})
+
+
+def test_worst_cells_is_the_mean_of_the_k_largest():
+    from agent.patches import worst_cells
+
+    d = np.array([[1.0, 9.0, 3.0, 7.0], [0.0, 0.0, 5.0, 1.0]])
+    np.testing.assert_allclose(worst_cells(d, 1), [9.0, 5.0])
+    np.testing.assert_allclose(worst_cells(d, 2), [8.0, 3.0])
+    np.testing.assert_allclose(worst_cells(d, 99), d.mean(axis=1))  # k is capped at the cell count
+    assert PatchSpec.from_manifest({"outputs": ["p"], "grid": [2, 2], "top_k": 3}).top_k == 3
+    with pytest.raises(ValueError, match="top_k"):
+        PatchSpec.from_manifest({"outputs": ["p"], "grid": [2, 2], "top_k": 5})
