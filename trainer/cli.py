@@ -171,6 +171,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--target-recall", type=float, default=0.9, help="with --threshold-rule recall (default 0.9)")
     cal.add_argument(
+        "--patch-top-k",
+        type=int,
+        default=10,
+        metavar="K",
+        help="a frame's patch score is the mean of its K worst cells (default 10; 1 = the worst cell alone)",
+    )
+    cal.add_argument(
         "--folds",
         type=int,
         default=5,
@@ -219,8 +226,8 @@ def _train_config(args: argparse.Namespace):
 
     if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0 or min(args.input_size) < 32:
         raise ValueError("--epochs >= 0, --batch-size >= 1, --lr > 0 and --input-size >= 32 are required")
-    if args.patch_bank_rows < 1 or args.folds < 2:
-        raise ValueError("--patch-bank-rows >= 1 and --folds >= 2 are required")
+    if args.patch_bank_rows < 1 or args.folds < 2 or args.patch_top_k < 1:
+        raise ValueError("--patch-bank-rows >= 1, --patch-top-k >= 1 and --folds >= 2 are required")
     if not 0 < args.holdout < 1:
         raise ValueError("--holdout must be in (0, 1): the threshold is calibrated on held-out normals")
     return TrainConfig(
@@ -239,6 +246,7 @@ def _train_config(args: argparse.Namespace):
         bank_size=args.bank_size,
         scoring=args.scoring,
         patch_bank_rows=args.patch_bank_rows,
+        patch_top_k=args.patch_top_k,
         folds=args.folds,
         defects=args.defects,
         threshold_rule=args.threshold_rule,
