@@ -10,6 +10,7 @@ Only ``device_id``, ``bundle``, ``capture.source`` and ``mqtt.host`` are require
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -155,6 +156,15 @@ class StorageConfig:
     save_normal_every: int = field(default=0, metadata=_doc("also save every Nth ok frame as a sample (0: none)"))
     max_files: int = field(default=1000, metadata=_doc("keep at most this many saved frames (oldest go first)"))
     max_age_days: float = field(default=30.0, metadata=_doc("delete saved frames older than this"))
+    max_bytes: int = field(
+        default=500_000_000,
+        metadata=_doc("keep saved frames (pictures + JSON) under this many bytes in all (oldest go first)"),
+    )
+    min_free_bytes: int = field(
+        default=100_000_000,
+        metadata=_doc("no evidence is written while the disk of storage.dir has less free space than this, "
+                      "so the outbox keeps room"),
+    )
     image_format: Literal["jpg", "png"] = field(default="jpg", metadata=_doc("format of saved frames"))
 
 
@@ -163,6 +173,11 @@ class OutboxConfig:
     max_messages: int = field(
         default=100000, metadata=_doc("undelivered verdicts kept on disk at most; beyond it the oldest is dropped")
     )
+    memory_max: int = field(
+        default=10000,
+        metadata=_doc("verdicts held in memory at most while the disk refuses writes; when full, no frames are taken"),
+    )
+    retry_s: float = field(default=5.0, metadata=_doc("how often a disk that refused writes is tried again"))
 
 
 @dataclass
@@ -572,22 +587,44 @@ def _check_rest(cfg: AgentConfig, problems: list[str]) -> None:
     _positive(problems, "storage.save_normal_every", s.save_normal_every, allow_zero=True)
     _positive(problems, "storage.max_files", s.max_files, allow_zero=True)
     _positive(problems, "storage.max_age_days", s.max_age_days)
+    _positive(problems, "storage.max_bytes", s.max_bytes)
+    _positive(problems, "storage.min_free_bytes", s.min_free_bytes, allow_zero=True)
     if cfg.outbox.max_messages < 1:
         problems.append(f"outbox.max_messages: {cfg.outbox.max_messages} must be 1 or more")
+    if cfg.outbox.memory_max < 1:
+        problems.append(f"outbox.memory_max: {cfg.outbox.memory_max} must be 1 or more (10000 verdicts is about 5 MB)")
+    _positive(problems, "outbox.retry_s", cfg.outbox.retry_s)
     if not 0 < cfg.metrics.port < 65536:
         problems.append(f"metrics.port: {cfg.metrics.port} is not a TCP port (1-65535)")
     _positive(problems, "service.ready_timeout_s", cfg.service.ready_timeout_s)
 
 
 def _check_storage_dir(cfg: AgentConfig, problems: list[str]) -> None:
+    """A file where the folder should be is a config problem (it stays wrong until someone moves it). A folder
+    that cannot be created or written (read-only or full disk, permissions) is not: the agent runs degraded
+    and tries again (see storage_dir_warning)."""
+    d = cfg.storage_dir
+    blocker = next((p for p in (d, *d.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        problems.append(f"storage.dir: {blocker} is a file, not a folder; move it aside or give another folder")
+        return
+    with contextlib.suppress(OSError):  # reported by storage_dir_warning; the agent retries
+        d.mkdir(parents=True, exist_ok=True)
+
+
+def storage_dir_warning(cfg: AgentConfig) -> str | None:
+    """Why storage.dir cannot be written now, or None. The agent starts anyway: verdicts wait in memory
+    (outbox.memory_max) and the outbox is opened as soon as the folder takes writes."""
     d = cfg.storage_dir
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        problems.append(f"storage.dir: cannot create {d} ({exc.strerror}); give a writable folder")
-        return
+        return (f"storage.dir: cannot create {d} ({exc.strerror or exc}); the agent runs degraded (verdicts wait "
+                "in memory) and tries again every outbox.retry_s; make it writable")
     if not os.access(d, os.W_OK | os.X_OK):
-        problems.append(f"storage.dir: {d} is not writable by this user; fix its owner or give another folder")
+        return (f"storage.dir: {d} is not writable by this user; the agent runs degraded (verdicts wait in "
+                "memory) and tries again every outbox.retry_s; fix its owner or give another folder")
+    return None
 
 
 def parse_config(data: Any, source: str = "config", check_files: bool = True) -> AgentConfig:
@@ -635,6 +672,9 @@ def load_config(path: str | Path, check_files: bool = True) -> AgentConfig:
 def warnings_for(cfg: AgentConfig) -> list[str]:
     """Things that are allowed but probably not meant (the source is retried with backoff at run time)."""
     out = []
+    storage = storage_dir_warning(cfg)
+    if storage:
+        out.append(storage)
     kind = cfg.source_kind
     src = cfg.capture.source
     if kind in ("video", "folder") and not Path(str(src)).exists():

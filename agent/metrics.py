@@ -52,6 +52,20 @@ def render(stats: dict[str, Any]) -> str:
             [(device, outbox.get("depth", 0))])
     _metric(lines, "yugami_outbox_dropped_total", "counter", "Verdicts dropped because the outbox was full.",
             [(device, outbox.get("dropped", 0))])
+    _metric(lines, "yugami_outbox_degraded", "gauge", "1 while the disk refuses writes and verdicts wait in memory.",
+            [(device, 1 if outbox.get("degraded") else 0)])
+    _metric(lines, "yugami_outbox_memory", "gauge", "Verdicts waiting in memory because the disk refused them.",
+            [(device, outbox.get("memory", 0))])
+    _metric(lines, "yugami_outbox_held_total", "counter", "Verdicts that ever waited in memory (disk refused them).",
+            [(device, outbox.get("held_total", 0))])
+    _metric(lines, "yugami_outbox_disk_errors_total", "counter", "Outbox writes, reads or opens the disk refused.",
+            [(device, outbox.get("disk_errors", 0))])
+    evidence = stats.get("evidence", {})
+    _metric(lines, "yugami_evidence_bytes", "gauge", "Bytes of saved evidence kept (pictures + JSON).",
+            [(device, evidence.get("bytes", 0))])
+    _metric(lines, "yugami_evidence_skipped_total", "counter",
+            "Evidence not saved because free space was under storage.min_free_bytes.",
+            [(device, evidence.get("skipped", 0))])
     _metric(lines, "yugami_fps", "gauge", "Frames inspected per second, recent.", [(device, stats.get("fps", 0))])
     latency = stats.get("latency_ms", {})
     _metric(lines, "yugami_latency_ms", "gauge", "Per-frame scoring latency, recent quantiles.",

@@ -15,6 +15,7 @@ RestartPreventExitStatus=78 stops a restart loop), 1 for anything unexpected.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -55,7 +56,7 @@ from agent.mqtt import (
     verdict_payload,
 )
 from agent.notify import Notifier
-from agent.outbox import Deliverer, Outbox, Row
+from agent.outbox import Deliverer, Row, Spool
 from agent.preprocess import ImageError
 from agent.scoring import Embedding, Scorer
 from agent.storage import Evidence
@@ -184,23 +185,30 @@ class Agent:
             self._start_metrics()
 
     def _open_storage(self) -> None:
+        """The outbox (a spool: memory behind a disk that refuses writes) and the evidence folder.
+
+        A disk that cannot be written (read-only, full, permissions) is no reason to stop: the spool runs
+        degraded and tries again. What retrying cannot fix is a ConfigError (exit 78): a file where the
+        state folder should be, a folder where the outbox file should be, a file that is not a database."""
         cfg = self.cfg
         storage = cfg.storage_dir
         path = storage / "outbox.sqlite3"
         source = cfg.config_path or "config"
-        try:
+        blocker = next((p for p in (storage, *storage.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError([f"storage.dir: {blocker} is a file, not a folder; move it aside or give "
+                               "storage.dir a writable folder"], source)
+        with contextlib.suppress(OSError):  # a read-only disk: the spool says so and tries again
             storage.mkdir(parents=True, exist_ok=True)
-            self.outbox = Outbox(path, cfg.outbox.max_messages, on_drop=self._outbox_dropped)
+        try:
+            self.outbox = Spool(path, cfg.outbox.max_messages, on_drop=self._outbox_dropped,
+                                capacity=cfg.outbox.memory_max, retry_s=cfg.outbox.retry_s,
+                                on_event=self._outbox_event)
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError([f"storage.dir: the outbox {path} cannot be opened ({type(exc).__name__}: {exc}); "
                                "give storage.dir a writable folder with free space, or move a damaged "
                                "outbox.sqlite3 aside (its undelivered verdicts are in it)"], source) from exc
-        try:
-            self.evidence = Evidence(storage, cfg.storage)
-        except OSError as exc:
-            self.outbox.close()
-            raise ConfigError([f"storage.dir: the evidence folder {storage / 'evidence'} cannot be used "
-                               f"({exc.strerror or exc}); give storage.dir a writable folder"], source) from exc
+        self.evidence = Evidence(storage, cfg.storage)
 
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
@@ -222,6 +230,8 @@ class Agent:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+        # A file-size limit (LimitFSIZE=) must be a write error the outbox handles, not a core dump.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     # --- callbacks from other threads: queue and wake, nothing more ---
 
@@ -261,6 +271,11 @@ class Agent:
             self._event("source_ended", source=status.name)
         self.notifier.status(self._status_line())
 
+    def _outbox_event(self, event: str, detail: dict[str, Any]) -> None:
+        # Handed to the MQTT client even while the broker is away (it keeps QoS 1 messages and sends them on
+        # reconnect): a failing disk often comes with other trouble, and this is the one report that matters.
+        self.link.hand_over(event_message(self.topics, event, utc_iso(), **detail))
+
     def _outbox_dropped(self, count: int, upto: int) -> None:
         self._event("outbox_dropped", dropped=count, total_dropped=self.outbox.dropped_total,
                     max_messages=self.cfg.outbox.max_messages)
@@ -280,9 +295,10 @@ class Agent:
             "model": {"name": bundle.name if bundle else None, "sha256": bundle.manifest_sha256 if bundle else None},
             "reconnects": self.link.reconnects,
             "mqtt_connected": self.link.connected.is_set(),
-            "outbox": {"depth": self.outbox.depth(), "dropped": self.outbox.dropped_total},
+            "outbox": self.outbox.stats(),
             "source": self.source.status.as_dict(),
-            "evidence": {"saved": self.evidence.saved, "kept": len(self.evidence), "errors": self.evidence.errors},
+            "evidence": {"saved": self.evidence.saved, "kept": len(self.evidence), "bytes": self.evidence.bytes,
+                         "errors": self.evidence.errors, "skipped": self.evidence.skipped},
             "commands": self.commands.stats(),
             "version": __version__,
         }
@@ -290,8 +306,9 @@ class Agent:
     def _status_line(self) -> str:
         c = self.counters
         broker = "up" if self.link.connected.is_set() else "down"
+        disk = " (disk refuses writes: verdicts in memory)" if self.outbox.degraded else ""
         return (f"{c.frames} frames, {c.anomalies} anomalies, {c.errors} bad; source {self.source.status.state}, "
-                f"broker {broker}, outbox {self.outbox.depth()}")
+                f"broker {broker}, outbox {self.outbox.depth()}{disk}")
 
     # --- the loop ---
 
@@ -336,6 +353,10 @@ class Agent:
                 next_stats = now + cfg.mqtt.stats_interval_s
                 self._publish_stats()
             self.handlers.expire(now)
+            self.outbox.tick()  # a disk that refused writes is tried again when due
+            if not self.outbox.has_room():
+                self._idle(IDLE_WAIT_S)  # backpressure: no frame is taken whose verdict could not be kept
+                continue
             if cfg.capture.mode == "trigger":
                 self.source.ensure_open()  # keep the camera open between shots, and READY honest
                 self._idle(IDLE_WAIT_S)
@@ -413,14 +434,12 @@ class Agent:
             model_name=bundle.name, model_sha256=bundle.manifest_sha256, latency_ms=result.latency_ms,
         )
         msg = verdict_message(self.topics, payload, qos=self.cfg.mqtt.qos)
-        # Durable first, then mark the file inspected: a crash in between repeats the frame (same id),
-        # the other order could lose it.
-        try:
-            self.outbox.put(msg.topic, msg.payload, msg.qos, msg.retain)
-        except sqlite3.Error as exc:
-            logger.error("cannot store verdict %s in the outbox (%s); sending it without the delivery guarantee. "
-                         "Check free space in %s", frame.frame_id, exc, self.cfg.storage_dir)
-            self.link.publish(msg)
+        # Stored first (on disk, or in memory while the disk refuses writes), then the file marked inspected:
+        # a crash in between repeats the frame (same id), the other order could lose it.
+        if self.outbox.put(msg.topic, msg.payload, msg.qos, msg.retain) == "full":
+            logger.error("verdict %s not stored: the disk refuses writes and outbox.memory_max is reached; the "
+                         "frame is not marked inspected and will be taken again", frame.frame_id)
+            return None
         self.source.done(frame)
         self.deliverer.wake()
         self.last_state = payload
@@ -449,6 +468,9 @@ class Agent:
         if self.cfg.capture.mode != "trigger":
             return None, ("capture.mode is 'continuous': frames are taken all the time. Set capture.mode: "
                           "trigger to take frames only on cmd/trigger"), None
+        if not self.outbox.has_room():
+            return None, ("busy: the disk refuses writes and outbox.memory_max verdicts wait in memory; no frame "
+                          "is taken until the broker or the disk takes some"), None
         frame = self.source.read(fresh=True)
         if frame is None:
             status = self.source.status

@@ -1,9 +1,11 @@
 """Evidence on disk: anomalous frames (and optionally a sample of normal ones) with their verdict.
 
 Layout: ``<storage>/evidence/<YYYY-MM-DD>/<HHMMSS>_<frame id>.jpg`` plus ``.json`` beside it
-(the verdict JSON, exactly as published). Retention keeps at most ``storage.max_files`` frames and
-none older than ``storage.max_age_days``; the oldest go first. A full or failing disk is logged
-and counted, never fatal: evidence is a help, the verdict on MQTT is the product.
+(the verdict JSON, exactly as published). Retention keeps at most ``storage.max_files`` frames, at
+most ``storage.max_bytes`` bytes (pictures + JSON) and none older than ``storage.max_age_days``; the
+oldest go first. While the disk has less than ``storage.min_free_bytes`` free, no evidence is written
+(counted as ``skipped``), so the outbox keeps room. A full or failing disk is logged and counted, never
+fatal: evidence is a help, the verdict on MQTT is the product.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -32,20 +35,30 @@ class Evidence:
         self.cfg = cfg
         self.saved = 0
         self.errors = 0
+        self.skipped = 0  # not written: the disk was below storage.min_free_bytes
+        self.bytes = 0  # kept, pictures + JSON
+        self._low_space = False
         self._normal_count = 0
-        self._index: deque[tuple[float, Path]] = deque()  # (time saved, path without suffix), oldest first
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._index: deque[tuple[float, Path, int]] = deque()  # (time saved, path without suffix, bytes), oldest first
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only or full disk at start: saving tries again (and counts errors)
+            logger.error("evidence folder %s cannot be created (%s); frames are not saved until it can be",
+                         self.root, exc.strerror or exc)
+            return
         self._load_index()
         self.prune()
 
     def _load_index(self) -> None:
         items = []
         for meta in self.root.glob("*/*.json"):
+            base = meta.with_name(meta.name[: -len(".json")])
             try:
-                items.append((meta.stat().st_mtime, meta.with_name(meta.name[: -len(".json")])))
+                items.append((meta.stat().st_mtime, base, _pair_bytes(base)))
             except FileNotFoundError:
                 continue
         self._index = deque(sorted(items))
+        self.bytes = sum(size for _, _, size in self._index)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -71,29 +84,54 @@ class Evidence:
             ok, data = cv2.imencode(ext, image)
             if not ok:
                 raise OSError(f"OpenCV could not encode the frame as {ext}")
+            meta = json.dumps(payload, indent=1).encode("utf-8")
+            size = len(data) + len(meta)
+            if not self._room_for(size, payload):
+                return None
             folder.mkdir(parents=True, exist_ok=True)
             _write_atomic(_suffixed(base, ext), data.tobytes())
             # The JSON goes last: its presence marks a complete pair.
-            _write_atomic(_suffixed(base, ".json"), json.dumps(payload, indent=1).encode("utf-8"))
+            _write_atomic(_suffixed(base, ".json"), meta)
         except (OSError, cv2.error) as exc:
             self.errors += 1
             logger.error("cannot save evidence for frame %s in %s: %s", payload.get("id"), folder, exc)
             return None
-        self._index.append((now, base))
+        self._index.append((now, base, size))
+        self.bytes += size
         self.saved += 1
         self.prune(now)
         return _suffixed(base, ext)
 
+    def _room_for(self, size: int, payload: dict[str, Any]) -> bool:
+        """False (counted, logged once per episode) while writing would leave less than min_free_bytes free."""
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        low = free - size < self.cfg.min_free_bytes
+        if low:
+            self.skipped += 1
+            if not self._low_space:
+                logger.warning("evidence not saved (frame %s and later): %d bytes free in %s is under "
+                               "storage.min_free_bytes (%d); the room is kept for the outbox", payload.get("id"),
+                               free, self.root, self.cfg.min_free_bytes)
+        elif self._low_space:
+            logger.info("evidence is saved again: %d bytes free in %s", free, self.root)
+        self._low_space = low
+        return not low
+
     def prune(self, now: float | None = None) -> int:
-        """Apply retention by count and age; return how many frames were removed."""
+        """Apply retention by count, bytes and age; return how many frames were removed."""
         now = time.time() if now is None else now
-        max_age = self.cfg.max_age_days * 86400.0
         removed = 0
-        while self._index and (len(self._index) > self.cfg.max_files or now - self._index[0][0] > max_age):
-            _, base = self._index.popleft()
+        while self._index and self._over(now):
+            _, base, size = self._index.popleft()
             self._remove(base)
+            self.bytes -= size
             removed += 1
         return removed
+
+    def _over(self, now: float) -> bool:
+        max_age = self.cfg.max_age_days * 86400.0
+        return (len(self._index) > self.cfg.max_files or self.bytes > self.cfg.max_bytes
+                or now - self._index[0][0] > max_age)
 
     def _remove(self, base: Path) -> None:
         for suffix in (".jpg", ".png", ".json"):
@@ -101,6 +139,14 @@ class Evidence:
                 _suffixed(base, suffix).unlink()
         with contextlib.suppress(OSError):
             base.parent.rmdir()  # only succeeds once the day's folder is empty
+
+
+def _pair_bytes(base: Path) -> int:
+    size = 0
+    for suffix in (".jpg", ".png", ".json"):
+        with contextlib.suppress(FileNotFoundError):
+            size += _suffixed(base, suffix).stat().st_size
+    return size
 
 
 def _suffixed(base: Path, suffix: str) -> Path:

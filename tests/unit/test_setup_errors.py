@@ -43,4 +43,4 @@ def test_agent_setup_closes_the_outbox_and_raises_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"mqtt\.tls\.ca_file"):
         agent._setup()
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
-        agent.outbox._db.execute("SELECT 1")
+        agent.outbox.outbox._db.execute("SELECT 1")
