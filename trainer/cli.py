@@ -24,18 +24,23 @@ TRAIN_DESCRIPTION = """\
 Train a yugami model bundle from NORMAL images only.
 
 DATA_DIR is either MVTec layout (DATA_DIR/train/good/*.png; test/ is ignored here and used by
-yugami-eval) or a plain folder of normal images. The trainer
-  1. finds the object in each picture (mean picture, difference, Otsu, morphology),
-  2. fine-tunes MobileNetV2 with a metric-learning head (--loss) to separate normal pictures from
-     synthetic anomalies made afresh in every batch: thin lines drawn on the object (class "line")
-     and, with --classes 3, turned-and-shifted patches (class "distortion"),
-  3. exports a full-integer int8 TFLite model of the last feature map (the camera box pools it with
-     GeM into the embedding) and checks it against the float model (mean cosine >= 0.98 on held-out
-     normals, or no bundle),
-  4. sets the threshold from held-out normals (--holdout) at the target false-alarm rate (--far),
-  5. keeps the int8 embeddings of all training normals as the bank (greedy k-center, < 1 MB).
-The bundle folder (manifest.json, embedder.tflite, bank.npz, head.npz, localization.png) is what
-the camera box loads; localization.png shows where the object was found.
+yugami-eval) or a plain folder of normal images. By default the trainer
+  1. exports a full-integer int8 TFLite model of ImageNet MobileNetV2 (no training, --epochs 0):
+     the last feature map (the camera box pools it with GeM into the embedding) and three early
+     patch maps (block_2 / 7 / 13 on the input at half size), checked against the float model
+     (mean cosine >= 0.98 on held-out normals, or no bundle),
+  2. keeps the int8 embeddings of all training normals as the bank (greedy k-center, < 1 MB) and a
+     coreset of their patch features as the patch bank (--patch-bank-rows, 2400),
+  3. scores every normal out of fold (--folds 5), standardises the GeM and patch scores on those
+     scores and averages them (--scoring fused),
+  4. sets the threshold where a tail fitted to the normals' scores leaves --far (1 %) above it, and
+     writes the false-alarm rate it expects with a 90 % range; or, with --defects DIR, at the best F1
+     (or --threshold-rule recall) against a few labelled defective pictures.
+With --epochs N it first fine-tunes MobileNetV2 with a metric-learning head (--loss) to separate
+normal pictures from synthetic anomalies made afresh in every batch: thin lines drawn on the object
+(class "line") and, with --classes 3, turned-and-shifted patches (class "distortion").
+The bundle folder (manifest.json, embedder.tflite, bank.npz, patch_bank.npz, head.npz,
+localization.png) is what the camera box loads; localization.png shows where the object was found.
 """
 
 TRAIN_EPILOG = """\

@@ -1,15 +1,17 @@
 """Normal images in, a model bundle out.
 
 1. read train/good (or a plain folder), prepare every picture with the agent's preprocessing;
-2. hold out a seeded share of the normals for calibration;
+2. hold out a seeded share of the normals (fine-tuning leaves them out; the int8 check uses them);
 3. localise the object (mean picture, difference, Otsu, morphology) in the fit pictures;
-4. fine-tune MobileNetV2 with a metric-learning head to tell normal pictures from synthetic
-   anomalies (line, distortion) made afresh in every batch (``epochs=0``: ImageNet features as they are);
-5. export a full-integer int8 TFLite model (outputs [embedding, feature_map]; with GeM pooling only
-   the feature map, pooled by the agent); compare it with the float model on the held-out normals
-   and refuse to ship below a mean cosine of 0.98;
-6. threshold = quantile at the target false-alarm rate of the held-out scores against a bank of the
-   fit normals; the shipped bank = int8 embeddings of all normals, reduced by greedy k-center;
+4. with ``epochs > 0`` fine-tune MobileNetV2 with a metric-learning head to tell normal pictures from
+   synthetic anomalies (line, distortion) made afresh in every batch (default ``epochs=0``: ImageNet
+   features as they are, which measured best on both data sets);
+5. export a full-integer int8 TFLite model: the feature map (pooled with GeM by the agent) and, for
+   patch or fused scoring, the patch trunk's three maps; compare it with the float model on the
+   held-out normals and refuse to ship below a mean cosine of 0.98;
+6. read every normal's int8 features as the box will; banks of all normals (GeM: k-center; patches:
+   a coreset of all cells); every normal scored out of fold gives the fusion's statistics and the
+   threshold (a tail fit at the target false-alarm rate, or placed with ``defects``);
 7. write the bundle (manifest with every setting, the data fingerprint, head.npz for Grad-CAM).
 """
 

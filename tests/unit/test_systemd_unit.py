@@ -55,3 +55,16 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     original = subprocess.run([tool, "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
     complaints = [line for line in original.stderr.splitlines() if "yugami-agent.service" in line]
     assert all("/opt/yugami/venv/bin/yugami-agent" in line for line in complaints), original.stderr
+
+
+def test_systemd_analyze_security_exposure_stays_at_most_2() -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    run = subprocess.run(
+        [tool, "security", "--offline=true", "--no-pager", str(UNIT)], capture_output=True, text=True, timeout=60
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", run.stdout + run.stderr)
+    if found is None:
+        pytest.skip(f"this systemd-analyze gives no offline exposure level: {run.stderr.strip()[:200]}")
+    assert float(found.group(1)) <= 2.0, run.stdout[-2000:]
