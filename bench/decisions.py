@@ -193,6 +193,36 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def defects_study(dataset: str, feats: dict[str, np.ndarray], n: int, draws: int, seed: int = 0) -> list[dict]:
+    """``yugami-train --defects``: ``n`` test defects drawn at random place the threshold (best F1, or
+    recall 0.9); the figures come from the REST of the test set (every good, the other defects)."""
+    from trainer.calibrate import threshold_from_defects
+    from trainer.operating import operating_point
+    from trainer.train import TrainConfig, calibrate_bundle
+
+    cfg = TrainConfig(data_dir=SHARED / "data" / dataset, out=Path("unused"), progress=False, seed=seed)
+    cal = calibrate_bundle(cfg, feats["train_emb"], feats["train_patch"])
+    scores = test_scores(cal, feats, cfg.scoring)
+    labels = (feats["test_types"] != "good").astype(int)
+    defects = np.flatnonzero(labels == 1)
+    rows = []
+    for rule in ("f1", "recall"):
+        points = []
+        for d in range(draws):
+            pick = np.random.default_rng([seed, d, 97]).choice(defects, n, replace=False)
+            t = threshold_from_defects(cal.normal_scores, scores[pick], rule, 0.9, seed)["value"]
+            rest = np.setdiff1d(np.arange(labels.size), pick)
+            points.append(operating_point(labels[rest], scores[rest], t))
+        rows.append({
+            "dataset": dataset, "defects_given": n, "rule": rule if rule == "f1" else "recall 0.9", "draws": draws,
+            "recall_median": float(np.median([p["recall_at_threshold"] for p in points])),
+            "far_median": float(np.median([p["far_at_threshold"] for p in points])),
+            "far_p90": float(np.quantile([p["far_at_threshold"] for p in points], 0.9)),
+            "normal_only_recall": operating_point(labels, scores, cal.threshold["value"])["recall_at_threshold"],
+        })
+    return rows
+
+
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
@@ -211,14 +241,19 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["mvtec_screw", "magnetic_tile"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--work", type=Path, default=Path("runs/decisions"))
     p.add_argument("--results", default="decisions", help="name of the bench/results/NAME.{md,json} files")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train seeds (one bundle each)")
     p.add_argument("--evaluate", action="store_true", help="also yugami-eval each seed's default bundle")
+    p.add_argument(
+        "--defects-study", type=int, default=0, metavar="N",
+        help="also: N labelled test defects place the threshold (yugami-train --defects), 20 random draws, "
+        "figures on the rest of the test set",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    rows, evals = [], []
+    rows, evals, study = [], [], []
     for dataset in args.datasets:
         (args.work / dataset).mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
@@ -229,15 +264,25 @@ def main() -> int:
             for variant in args.variants:
                 rows.append(run_variant(dataset, variant, feats, seed))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
+            if args.defects_study and seed == args.seeds[0]:
+                study += defects_study(dataset, feats, args.defects_study, draws=20, seed=seed)
+                print(table(study[-2:]), flush=True)
     command = (
         f"python bench/decisions.py --datasets {' '.join(args.datasets)} --variants {' '.join(args.variants)} "
         f"--seeds {' '.join(map(str, args.seeds))}" + (" --evaluate" if args.evaluate else "")
+        + (f" --defects-study {args.defects_study}" if args.defects_study else "")
     )
     text = f"# Decisions at the shipped threshold\n\n{json.dumps(machine())}\n\n`{command}`\n\n"
     if evals:
         text += "## yugami-eval of the default bundle, per seed\n\n" + table(evals + medians(evals)) + "\n\n"
-    text += "## Variants, from cached int8 features (calibration re-run per variant)\n\n" + table(rows) + "\n"
-    rows = {"evaluate": evals, "variants": rows}  # type: ignore[assignment]
+    if rows:
+        text += "## Variants, from cached int8 features (calibration re-run per variant)\n\n" + table(rows) + "\n\n"
+    if study:
+        text += (
+            f"## Threshold placed with {args.defects_study} labelled defects (yugami-train --defects), "
+            "figures on the rest of the test set\n\n" + table(study) + "\n"
+        )
+    rows = {"evaluate": evals, "variants": rows, "defects_study": study}  # type: ignore[assignment]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.results}.md").write_text(text)
     (RESULTS / f"{args.results}.json").write_text(json.dumps(rows, indent=2) + "\n")
