@@ -292,7 +292,7 @@ def render(r: dict[str, Any]) -> str:
                       + (f"; TensorFlow process peak RSS {x['keras']['peak_rss_mb']:.0f} MB" if "keras" in x else ""))
     total = sum(r["bundle_bytes"].values())
     sizes = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in r["bundle_bytes"].items())
-    lines += [*ratios, f"- bundle size {total / 1024 / 1024:.2f} MiB (target < 8 MiB, issue 12; was < 4 MiB before patch scoring): {sizes}"]
+    lines += [*ratios, f"- bundle size {total / 1024 / 1024:.2f} MiB (target < 8 MiB): {sizes}"]
     return "\n".join(lines) + "\n"
 
 
