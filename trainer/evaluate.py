@@ -35,21 +35,37 @@ class Scored:
     scores: np.ndarray
     embeddings: np.ndarray
     names: list[str]
+    paths: list[Path] = dataclasses.field(default_factory=list)
+    frame_shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # with keep_maps: per picture, the patch anomaly map and the Grad-CAM map at cell resolution
+    maps: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
-def embed_and_score(bundle: Bundle, test: dict[str, list[Path]], progress: bool = False) -> Scored:
+def embed_and_score(
+    bundle: Bundle, test: dict[str, list[Path]], progress: bool = False, keep_maps: bool = False
+) -> Scored:
     from tqdm import tqdm
 
+    from agent.gradcam import anomaly_cam
+
     scorer = Scorer(bundle)
-    types, scores, embs, names = [], [], [], []
+    scored = Scored([], np.zeros(0), np.zeros(0), [], maps={"anomaly_map": [], "gradcam": []})
+    scores, embs = [], []
     items = [(t, p) for t in sorted(test) for p in test[t]]
     for t, p in tqdm(items, desc="scoring", unit="img", disable=not progress):
-        result, emb = scorer.score(load_image(p), name=str(p))
-        types.append(t)
+        frame = load_image(p)
+        result, emb = scorer.score(frame, name=str(p))
+        scored.types.append(t)
         scores.append(result.score)
         embs.append(emb.vector)
-        names.append(f"{t}/{p.name}")
-    return Scored(types, np.asarray(scores), np.stack(embs), names)
+        scored.names.append(f"{t}/{p.name}")
+        scored.paths.append(p)
+        scored.frame_shapes.append(frame.shape[:2])
+        if keep_maps and emb.patch_map is not None:
+            scored.maps["anomaly_map"].append(emb.patch_map)
+        if keep_maps and emb.feature_map is not None:
+            scored.maps["gradcam"].append(anomaly_cam(bundle, emb, result.nearest))
+    return dataclasses.replace(scored, scores=np.asarray(scores), embeddings=np.stack(embs))
 
 
 def with_float_model(bundle: Bundle, model_path: Path, num_threads: int | None = None) -> Bundle:
@@ -175,35 +191,26 @@ def _mask(data_dir: Path, kind: str, path: Path, size: tuple[int, int]) -> np.nd
     return cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 127
 
 
-def pixel_metrics(bundle: Bundle, data_dir: Path, test: dict[str, list[Path]], progress: bool = False):
-    """Pixel AUROC and AUPRO (to 30 % FPR) of the patch anomaly map and of Grad-CAM against
-    ``ground_truth/<type>/<name>_mask.png``; None without ground truth (or with an ROI, whose maps
-    do not cover the whole picture)."""
-    from tqdm import tqdm
+def has_masks(bundle: Bundle, data_dir: Path) -> bool:
+    """Pixel figures need ``ground_truth/`` and maps over the whole picture (no ROI)."""
+    return (data_dir / "ground_truth").is_dir() and bundle.preprocessing.roi is None
 
-    from agent.gradcam import anomaly_cam, upsample
+
+def pixel_metrics(data_dir: Path, scored: Scored) -> dict[str, Any]:
+    """Pixel AUROC and AUPRO (to 30 % FPR) of the patch anomaly map and of Grad-CAM (kept by
+    :func:`embed_and_score` with ``keep_maps``) against ``ground_truth/<type>/<name>_mask.png``."""
+    from agent.gradcam import upsample
     from trainer.operating import aupro, pixel_auroc
 
-    if not (data_dir / "ground_truth").is_dir() or bundle.preprocessing.roi is not None:
-        return None
-    scorer = Scorer(bundle)
-    masks: list[np.ndarray | None] = []
-    maps: dict[str, list[np.ndarray]] = {"anomaly_map": [], "gradcam": []}
-    items = [(t, p) for t in sorted(test) for p in test[t]]
-    for kind, path in tqdm(items, desc="pixel maps", unit="img", disable=not progress):
-        frame = load_image(path)
-        h, w = frame.shape[:2]
+    sizes = []
+    for h, w in scored.frame_shapes:
         f = min(1.0, PIXEL_EVAL_PX / max(h, w))
-        size = (max(1, round(h * f)), max(1, round(w * f)))
-        result, emb = scorer.score(frame, name=str(path))
-        masks.append(_mask(data_dir, kind, path, size))
-        if emb.patch_map is not None:
-            maps["anomaly_map"].append(upsample(emb.patch_map, size))
-        if emb.feature_map is not None:
-            maps["gradcam"].append(upsample(anomaly_cam(bundle, emb, result.nearest), size))
-    out: dict[str, Any] = {"compared_at": f"long side {PIXEL_EVAL_PX} px", "images": len(items)}
-    for name, m in maps.items():
-        if len(m) == len(masks):
+        sizes.append((max(1, round(h * f)), max(1, round(w * f))))
+    masks = [_mask(data_dir, t, p, size) for t, p, size in zip(scored.types, scored.paths, sizes, strict=True)]
+    out: dict[str, Any] = {"compared_at": f"long side {PIXEL_EVAL_PX} px", "images": len(masks)}
+    for name, cams in scored.maps.items():
+        if cams and len(cams) == len(masks):
+            m = [upsample(c, size) for c, size in zip(cams, sizes, strict=True)]
             out[name] = {"pixel_auroc": pixel_auroc(masks, m), "aupro": aupro(masks, m)}
     return out
 
@@ -333,7 +340,8 @@ def evaluate(
     float_info: dict[str, Any] = {}
     if float_bundle is not None:
         float_bundle, float_info = with_float_bank(float_bundle, ds.train, progress=progress, model_path=float_model)
-    scored = embed_and_score(bundle, ds.test, progress=progress)
+    masks = has_masks(bundle, Path(data_dir))
+    scored = embed_and_score(bundle, ds.test, progress=progress, keep_maps=masks)
     scores, threshold = _scores(bundle, scored, scorer)
     result = {
         "bundle": str(bundle_path),
@@ -347,8 +355,8 @@ def evaluate(
         f_scored = embed_and_score(float_bundle, ds.test, progress=progress)
         f_scores, f_threshold = _scores(float_bundle, f_scored, scorer)
         result["float"] = {"model": str(float_model), **float_info, **metrics(f_scored.types, f_scores, f_threshold)}
-    pixels = pixel_metrics(bundle, Path(data_dir), ds.test, progress=progress)
-    if pixels is not None:
+    if masks:
+        pixels = pixel_metrics(Path(data_dir), scored)
         result["pixel"] = pixels
         for name in ("anomaly_map", "gradcam"):
             if name in pixels:
