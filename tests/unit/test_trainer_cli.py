@@ -26,7 +26,13 @@ def test_train_help_teaches_the_options():
         "--bank-size",
         "--save-float",
         "--far",
-        "zero-training",
+        "--scoring",
+        "--patch-bank-rows",
+        "--patch-top-k",
+        "--folds",
+        "--defects",
+        "--threshold-rule",
+        "ImageNet features",  # what the default is, and that it measured best
     ):
         assert option in text
     assert "--scorer" in build_eval_parser().format_help()
