@@ -1,9 +1,9 @@
 """Embed a frame, score it against the normal bank, decide.
 
 score = 1 - max cosine similarity between the frame's embedding and the bank of normal embeddings
-(bundles without a ``scoring`` entry, and ``scoring.method: gem``); with ``patch`` the largest
-distance of a cell's patch feature to the patch bank (agent.patches); with ``fused`` (the trainer's
-default) the mean of the two, each standardised on normal pictures. The verdict is "anomaly" when
+(bundles without a ``scoring`` entry, and ``scoring.method: gem``); with ``patch`` the mean distance
+of the frame's ``patch.top_k`` worst cells to the patch bank (agent.patches); with ``fused`` (the
+trainer's default) the mean of the two, each standardised on normal pictures. The verdict is "anomaly" when
 score > threshold. Confidence is the confidence in the verdict given:
 p = logistic((score - threshold) / scale) is how anomalous the frame looks, and the confidence is p
 for an "anomaly" verdict and 1 - p for "ok"; both are exactly 0.5 at the threshold.
