@@ -55,14 +55,19 @@ def publish_all(client: object, items: list[tuple[str, bytes]], seconds: float =
     return time.monotonic() - started
 
 
-def run(commands: int, bundle: Path, work: Path) -> dict[str, float]:
+def broker_and_frames(work: Path) -> tuple[Mosquitto, Path, FrameWriter]:
+    """A started mosquitto in WORK/broker and a writer (not yet started) of 20 frames/s into WORK/in."""
     broker_dir = work / "broker"
     broker_dir.mkdir()
     broker = Mosquitto(broker_dir)
     broker.start()
     folder = work / "in"
     folder.mkdir()
-    writer = FrameWriter(folder, period_s=0.05)
+    return broker, folder, FrameWriter(folder, period_s=0.05)
+
+
+def run(commands: int, bundle: Path, work: Path) -> dict[str, float]:
+    broker, folder, writer = broker_and_frames(work)
     watchdog = WatchdogListener(work / "notify.sock")
     watchdog.start()
     counter = VerdictCounter(broker.port, [f"{BASE}/verdict", f"{BASE}/cmd/+/result"])

@@ -26,9 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._service import DEMO_BUNDLE, rss_kb
-from bench.flood import BASE, publish_all
-from tests.integration.conftest import AgentProcess, Mosquitto, Recorder, base_config, write_config
-from tests.integration.test_agent_flood import FrameWriter
+from bench.flood import BASE, broker_and_frames, publish_all
+from tests.integration.conftest import AgentProcess, Recorder, base_config, write_config
 
 Step = tuple[str, float]  # (label, RSS MB)
 
@@ -92,13 +91,7 @@ SCENARIOS: dict[str, Callable[[AgentProcess, Recorder], list[Step]]] = {
 
 
 def scenario(name: str, work: Path, env: dict[str, str]) -> list[Step]:
-    broker_dir = work / "broker"
-    broker_dir.mkdir()
-    broker = Mosquitto(broker_dir)
-    broker.start()
-    folder = work / "in"
-    folder.mkdir()
-    writer = FrameWriter(folder, period_s=0.05)
+    broker, folder, writer = broker_and_frames(work)
     rec = Recorder(broker.port, [f"{BASE}/verdict", f"{BASE}/cmd/+/result"], name=f"probe-{name}")
     cfg = base_config(work, DEMO_BUNDLE, broker.port, str(folder), mqtt={"stats_interval_s": 5})
     agent = AgentProcess(write_config(work / "agent.yaml", **cfg), work / "agent.log", env)
