@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.patches import SCORINGS, Fusion, PatchBank, PatchSpec
+from agent.patches import SCORINGS, Fusion, PatchBank, PatchSpec, finite_number
 from agent.preprocess import Preprocessing
 from agent.runtime import TensorInfo, TFLiteModel
 
@@ -74,7 +74,7 @@ class EmbeddingSpec:
         pooling = "model" if pooling is None else pooling
         if not isinstance(pooling, str) or pooling not in POOLINGS:
             raise ValueError(f"embedding.pooling {_short(pooling)} is not one of {list(POOLINGS)}")
-        p = _as_finite(3.0 if d.get("p") is None else d["p"])
+        p = finite_number(3.0 if d.get("p") is None else d["p"])
         if p is None:
             raise ValueError(f"embedding.p must be a finite number, not {_short(d['p'])}")
         if not GEM_P_RANGE[0] <= p <= GEM_P_RANGE[1]:
@@ -179,17 +179,6 @@ def _as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _as_finite(value: Any) -> float | None:
-    """A JSON number (not a boolean) with a finite float value, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        f = float(value)
-    except OverflowError:  # an integer beyond float range
-        return None
-    return f if math.isfinite(f) else None
-
-
 @dataclass(frozen=True)
 class _Entry:
     """One JSON object of the manifest, read key by key with type and range checked.
@@ -256,7 +245,7 @@ class _Entry:
         present, value = self._raw(name, default)
         if not present:
             return value
-        f = _as_finite(value)
+        f = finite_number(value)
         if f is None:
             raise self.fail(name, f"must be a finite number, not {_what(value)}")
         if positive and f <= 0:

@@ -202,7 +202,7 @@ class Fusion:
             raise ValueError("'scoring.fusion' must be an object with gem_mean, gem_std, patch_mean, patch_std")
         values = {}
         for key in ("gem_mean", "gem_std", "patch_mean", "patch_std"):
-            v = _finite_float(d.get(key))
+            v = finite_number(d.get(key))
             if v is None:
                 raise ValueError(f"'scoring.fusion.{key}' must be a finite number, not {_short(d.get(key))}")
             values[key] = v
@@ -215,7 +215,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _finite_float(v: Any) -> float | None:
+def finite_number(v: Any) -> float | None:
     """``v`` as a float when it is a JSON number (not a boolean) with a finite value, else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -228,7 +228,7 @@ def _finite_float(v: Any) -> float | None:
 
 def _short(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 10**18:
-        return "an integer beyond float range" if _finite_float(v) is None else "a very large integer"
+        return "an integer beyond float range" if finite_number(v) is None else "a very large integer"
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
