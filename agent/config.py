@@ -196,6 +196,11 @@ class ServiceConfig:
         ),
     )
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata=_doc("log level"))
+    recent_frames: int = field(
+        default=32,
+        metadata=_doc("inspected frames (pictures + verdicts) kept in memory, for shadow-scoring a bundle being "
+                      "installed and for cmd/feedback; each costs one decoded frame of memory"),
+    )
 
 
 @dataclass
@@ -581,6 +586,8 @@ def _check_rest(cfg: AgentConfig, problems: list[str]) -> None:
         problems.append(f"threads: {cfg.threads} must be 1 or more, or null")
     if not 1 <= cfg.gradcam.keep_frames <= 1000:
         problems.append(f"gradcam.keep_frames: {cfg.gradcam.keep_frames} must be between 1 and 1000")
+    if not 1 <= cfg.service.recent_frames <= 1000:
+        problems.append(f"service.recent_frames: {cfg.service.recent_frames} must be between 1 and 1000")
     if not 1 <= cfg.gradcam.jpeg_quality <= 100:
         problems.append(f"gradcam.jpeg_quality: {cfg.gradcam.jpeg_quality} must be between 1 and 100")
     s = cfg.storage

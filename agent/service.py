@@ -125,6 +125,18 @@ class Recent:
     nearest: int
 
 
+@dataclass(frozen=True)
+class KeptFrame:
+    """An inspected frame kept in memory (``service.recent_frames`` of them): the picture and its verdict.
+
+    What shadow-scoring a bundle being installed and ``cmd/feedback`` on a recent verdict need; it holds
+    a reference to the frame the loop already decoded, no copy."""
+
+    frame_id: str
+    image: np.ndarray
+    payload: dict[str, Any]
+
+
 class Counters:
     """Frame counters; written by the frame loop, read by the stats, metrics and MQTT threads."""
 
@@ -171,6 +183,7 @@ class Agent:
         self.runner = CommandRunner(self.commands, self.handlers)
         self._busy_replies = ReplyLimiter(BUSY_REPLY_BURST, BUSY_REPLY_PER_S)
         self.recent: deque[Recent] = deque(maxlen=cfg.gradcam.keep_frames)
+        self.kept_frames: deque[KeptFrame] = deque(maxlen=cfg.service.recent_frames)
         self._next_watchdog = 0.0
         self.last_state: dict[str, Any] | None = None
         self._stop = False
@@ -470,6 +483,7 @@ class Agent:
         self.counters.frame(result.latency_ms, result.verdict == "anomaly")
         if self.evidence.wants(result.verdict):
             self.evidence.save(frame.image, payload)
+        self.kept_frames.append(KeptFrame(frame.frame_id, frame.image, payload))
         record = Recent(frame.frame_id, bundle, emb, result.nearest)
         self.recent.append(record)
         self._gradcam_after_frame(record, result.verdict)
