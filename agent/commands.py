@@ -68,6 +68,16 @@ def _check_gradcam(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_set(body: dict[str, Any]) -> str | None:
+    from agent.settings import SettingsError, parse_changes  # pure; imported here to keep this module's deps few
+
+    try:
+        parse_changes(body)
+    except SettingsError as exc:
+        return str(exc)
+    return None
+
+
 def _never(command: Command) -> Hashable | None:
     return None
 
@@ -100,10 +110,20 @@ def _run_reload(h: CommandHandlers, p: Pending) -> None:
     h.reload(p)
 
 
+def _run_set(h: CommandHandlers, p: Pending) -> None:
+    h.set(p)
+
+
+def _run_get(h: CommandHandlers, p: Pending) -> None:
+    h.get(p)
+
+
 TABLE: dict[str, CommandSpec] = {
     "trigger": CommandSpec("trigger", _no_check, _never, _run_trigger),
     "gradcam": CommandSpec("gradcam", _check_gradcam, _gradcam_key, _run_gradcam),
     "reload": CommandSpec("reload", _no_check, _reload_key, _run_reload),
+    "set": CommandSpec("set", _check_set, _never, _run_set),  # each runs, in order: the last one wins
+    "get": CommandSpec("get", _no_check, _never, _run_get),
 }
 COMMANDS = tuple(TABLE)
 
@@ -303,9 +323,17 @@ class AgentPort(Protocol):
     @property
     def gradcam_topic(self) -> str: ...
 
+    def change_settings(self, body: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+        """cmd/set: (ok, error or None, data carrying the effective settings)."""
+        ...
+
+    def settings_report(self) -> dict[str, Any]:
+        """cmd/get: the effective settings and their sources."""
+        ...
+
 
 class CommandHandlers:
-    """trigger, gradcam and reload, run on the frame-loop thread."""
+    """trigger, gradcam, reload, set and get, run on the frame-loop thread."""
 
     def __init__(self, port: AgentPort, queue: CommandQueue, clock: Callable[[], float] = time.monotonic) -> None:
         self.port = port
@@ -335,6 +363,13 @@ class CommandHandlers:
             self.reply(pending, ok=True, model=model)
         else:
             self.reply(pending, ok=False, error=text, model=model)
+
+    def set(self, pending: Pending) -> None:
+        ok, error, data = self.port.change_settings(pending.command.body)
+        self.reply(pending, ok=ok, error=error, **data)
+
+    def get(self, pending: Pending) -> None:
+        self.reply(pending, ok=True, **self.port.settings_report())
 
     def gradcam(self, pending: Pending) -> None:
         refused = self.port.gradcam_allowed()

@@ -132,9 +132,15 @@ def input_lut(bundle: Bundle) -> np.ndarray | None:
 class Scorer:
     """The per-frame work of the device: preprocess, invoke, score, decide."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, threshold: float | None = None) -> None:
         self.bundle = bundle
+        self.threshold_override = threshold  # a box's own threshold (cmd/set), or None for the bundle's
         self._input_lut = input_lut(bundle)
+
+    @property
+    def threshold(self) -> float:
+        """The threshold verdicts are decided with: the override when there is one, else the bundle's."""
+        return self.bundle.threshold if self.threshold_override is None else self.threshold_override
 
     def embed(self, frame: np.ndarray, name: str = "frame") -> Embedding:
         b = self.bundle
@@ -173,7 +179,8 @@ class Scorer:
         t0 = time.perf_counter()
         emb = self.embed(frame, name)
         score, nearest, components = self.score_frame(emb)
-        verdict, confidence = decide(score, self.bundle.threshold, self.bundle.score_scale)
+        threshold = self.threshold  # read once: a cmd/set between the two uses must not split them
+        verdict, confidence = decide(score, threshold, self.bundle.score_scale)
         latency = (time.perf_counter() - t0) * 1000.0
-        result = ScoreResult(score, self.bundle.threshold, verdict, confidence, latency, nearest, components)
+        result = ScoreResult(score, threshold, verdict, confidence, latency, nearest, components)
         return result, emb

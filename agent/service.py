@@ -60,6 +60,18 @@ from agent.notify import Notifier
 from agent.outbox import Deliverer, Row, Spool
 from agent.preprocess import ImageError
 from agent.scoring import Embedding, Scorer
+from agent.settings import (
+    Effective,
+    Settings,
+    SettingsError,
+    apply_changes,
+    differences,
+    effective,
+    load_settings,
+    parse_changes,
+    save_settings,
+    settings_path,
+)
 from agent.storage import Evidence
 
 logger = logging.getLogger(__name__)
@@ -193,6 +205,9 @@ class Agent:
         self._degraded_ready = False
         self.scorer: Scorer | None = None
         self.metrics: MetricsServer | None = None
+        self.settings = Settings()  # cmd/set overrides, persisted in <storage_dir>/settings.json
+        self._settings_path = settings_path(cfg.storage_dir)
+        self._settings_problem: str | None = None  # why settings.json could not be used at start
 
     # --- setup ---
 
@@ -337,6 +352,7 @@ class Agent:
                          "errors": self.evidence.errors, "skipped": self.evidence.skipped},
             "commands": self.commands.stats(),
             "version": __version__,
+            **self._settings_stats(),
         }
 
     def _status_line(self) -> str:
@@ -354,15 +370,17 @@ class Agent:
         except (BundleError, ImportError) as exc:
             logger.error("%s", exc)
             return EX_CONFIG
-        self.scorer = Scorer(bundle)
-        logger.info("model %s (manifest sha256 %s), threshold %.6f", bundle.name, bundle.manifest_sha256[:12],
-                    bundle.threshold)
+        self._load_settings()
+        self.scorer = self.make_scorer(bundle)
+        logger.info("model %s (manifest sha256 %s), threshold %.6f (%s)", bundle.name, bundle.manifest_sha256[:12],
+                    self.scorer.threshold, self.effective_settings().threshold_source)
         self._install_signals()
         try:
             self._setup()
         except ConfigError as exc:
             logger.error("cannot start: %s", exc)
             return EX_CONFIG
+        self._settings_start_events(bundle)
         try:
             self._loop()
         finally:
@@ -371,8 +389,7 @@ class Agent:
 
     def _loop(self) -> None:
         cfg = self.cfg
-        min_gap = 1.0 / cfg.capture.max_fps if cfg.capture.max_fps else 0.0
-        next_frame = 0.0
+        last_frame = -math.inf
         next_stats = time.monotonic() + cfg.mqtt.stats_interval_s
         while not self._stop:
             now = time.monotonic()
@@ -397,17 +414,18 @@ class Agent:
                 self.source.ensure_open()  # keep the camera open between shots, and READY honest
                 self._idle(IDLE_WAIT_S)
                 continue
-            if now < next_frame:
+            max_fps = self.effective_settings().max_fps  # each turn: cmd/set max_fps applies at once
+            if max_fps and now < last_frame + 1.0 / max_fps:
                 if self.source.live and self.source.up:
                     self.source.skip()  # keep draining the camera so the next inspected frame is current
                 else:
-                    self._idle(min(next_frame - now, IDLE_WAIT_S))
+                    self._idle(min(last_frame + 1.0 / max_fps - now, IDLE_WAIT_S))
                 continue
             frame = self.source.read()
             if frame is None:
                 self._idle(IDLE_WAIT_S)
                 continue
-            next_frame = now + min_gap
+            last_frame = now
             self._process(frame)
 
     def _idle(self, seconds: float) -> None:
@@ -527,8 +545,9 @@ class Agent:
         return ok, text, model
 
     def gradcam_allowed(self) -> str | None:
-        if self.cfg.gradcam.policy == "off":
-            return "gradcam.policy is 'off'; set it to on_command to allow this"
+        if self.effective_settings().gradcam_policy == "off":
+            return ("the Grad-CAM policy is 'off' (gradcam.policy, or cmd/set gradcam_policy); send cmd/set "
+                    '{"gradcam_policy": "on_command"} to allow this')
         return None
 
     def recent_frame(self, frame_id: str) -> Recent | None:
@@ -543,6 +562,100 @@ class Agent:
     @property
     def gradcam_topic(self) -> str:
         return self.topics.gradcam
+
+    # --- settings at run time (cmd/set, cmd/get; agent.settings) ---
+
+    def make_scorer(self, bundle: Bundle) -> Scorer:
+        """A scorer for ``bundle`` with this box's threshold, when one was set for this very model."""
+        return Scorer(bundle, threshold=self.settings.threshold_for(bundle.manifest_sha256))
+
+    def effective_settings(self) -> Effective:
+        """What the box uses now (read from any thread: both attributes are replaced whole, never changed)."""
+        scorer = self.scorer
+        assert scorer is not None
+        return effective(self.settings, bundle_threshold=scorer.bundle.threshold,
+                         model_sha256=scorer.bundle.manifest_sha256, config_max_fps=self.cfg.capture.max_fps,
+                         config_gradcam_policy=self.cfg.gradcam.policy)
+
+    def _settings_stats(self) -> dict[str, Any]:
+        if self.scorer is None:
+            return {}
+        eff = self.effective_settings().as_dict()
+        return {"threshold": eff["threshold"], "settings": eff}
+
+    def _load_settings(self) -> None:
+        """settings.json at start; a damaged or unreadable one is reported, and the box runs on its config and
+        bundle values (the next cmd/set writes a good file over it)."""
+        self.settings, self._settings_problem = load_settings(self._settings_path)
+        if self._settings_problem:
+            logger.error("settings: %s; going on with the config's and the bundle's values (the next cmd/set "
+                         "replaces the file)", self._settings_problem)
+
+    def _settings_start_events(self, bundle: Bundle) -> None:
+        """Events for what _load_settings found, handed to the MQTT client to go out once it is connected."""
+        if self._settings_problem:
+            self.link.hand_over(event_message(self.topics, "settings_unreadable", utc_iso(),
+                                              path=str(self._settings_path), error=self._settings_problem))
+        self._threshold_dropped(bundle, hand_over=True)
+
+    def _threshold_dropped(self, bundle: Bundle, hand_over: bool = False) -> bool:
+        """Report a stored threshold that does not apply to ``bundle`` (set for another model); True if so."""
+        s = self.settings
+        if s.threshold is None or s.threshold_model == bundle.manifest_sha256:
+            return False
+        logger.warning("settings: the threshold %g was set for model %s, not for %s (%s) now in use: not applied",
+                       s.threshold, (s.threshold_model or "")[:12], bundle.name, bundle.manifest_sha256[:12])
+        detail = {"setting": "threshold", "value": s.threshold, "set_for": {"sha256": s.threshold_model},
+                  "model": {"name": bundle.name, "sha256": bundle.manifest_sha256},
+                  "reason": "set for another model; it applies again if that model comes back, or send cmd/set "
+                            "threshold for this one", "threshold": bundle.threshold}
+        if hand_over:
+            self.link.hand_over(event_message(self.topics, "setting_dropped", utc_iso(), **detail))
+        else:
+            self._event("setting_dropped", **detail)
+        return True
+
+    def settings_after_switch(self, old: Bundle) -> None:
+        """Call on the frame loop after ``self.scorer`` has been replaced by one from :meth:`make_scorer`
+        (reload, install, rollback): says whether the stored threshold still applies."""
+        assert self.scorer is not None
+        new = self.scorer.bundle
+        if self._threshold_dropped(new):
+            return
+        if self.settings.threshold is not None and old.manifest_sha256 != new.manifest_sha256:
+            self._event("setting_applied", setting="threshold", value=self.settings.threshold,
+                        model={"name": new.name, "sha256": new.manifest_sha256})
+
+    def change_settings(self, body: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+        """cmd/set: check, save, apply at once. (ok, error, data with the effective settings)."""
+        assert self.scorer is not None
+        try:
+            changes = parse_changes(body)
+        except SettingsError as exc:
+            return False, str(exc), {"settings": self.effective_settings().as_dict()}
+        before = self.effective_settings()
+        new = apply_changes(self.settings, changes, self.scorer.bundle.manifest_sha256)
+        try:
+            save_settings(self._settings_path, new)
+        except (OSError, ValueError) as exc:
+            logger.error("settings: cannot save %s (%s); the settings stay as they were", self._settings_path, exc)
+            return False, (f"cannot save {self._settings_path} ({type(exc).__name__}: {exc}); nothing changed. "
+                           "Give storage.dir a writable folder with free space"), {"settings": before.as_dict()}
+        old_settings, self.settings = self.settings, new
+        self.scorer.threshold_override = new.threshold_for(self.scorer.bundle.manifest_sha256)
+        self._settings_problem = None
+        after = self.effective_settings()
+        changed = differences(before, after)
+        if new != old_settings:
+            logger.info("settings changed: %s", changed or "stored values only")
+            self._event("settings_changed", changed=changed, settings=after.as_dict())
+        return True, None, {"settings": after.as_dict(), "changed": changed}
+
+    def settings_report(self) -> dict[str, Any]:
+        """cmd/get: the effective settings, where each comes from, and what is stored."""
+        stored = self.settings.to_json()
+        stored.pop("format")
+        return {"settings": self.effective_settings().as_dict(), "stored": stored}
 
     def _reload(self, why: str) -> tuple[bool, str]:
         """Load the bundle again; on any problem keep the current one. Returns (ok, message).
@@ -571,7 +684,7 @@ class Agent:
         old = self.scorer.bundle
         try:
             bundle = load_agent_bundle(self.cfg)
-            scorer = Scorer(bundle)
+            scorer = self.make_scorer(bundle)
         except (BundleError, ImportError) as exc:
             text = f"bundle refused, keeping {old.name} ({old.manifest_sha256[:12]}): {exc}"
             logger.error("reload (%s): %s", why, text)
@@ -582,6 +695,7 @@ class Agent:
         logger.info("reload (%s): model %s (%s) replaces %s (%s)", why, bundle.name, bundle.manifest_sha256[:12],
                     old.name, old.manifest_sha256[:12])
         self._event("reloaded", model={"name": bundle.name, "sha256": bundle.manifest_sha256})
+        self.settings_after_switch(old)
         discovery = self._discovery()
         if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
             self.link.publish(discovery)
@@ -597,7 +711,7 @@ class Agent:
 
     def _gradcam_after_frame(self, record: Recent, verdict: str) -> None:
         answered = self.handlers.after_frame(record)
-        if not answered and verdict == "anomaly" and self.cfg.gradcam.policy == "every_anomaly":
+        if not answered and verdict == "anomaly" and self.effective_settings().gradcam_policy == "every_anomaly":
             self._gradcam_jpeg(record)
 
     def _gradcam_jpeg(self, record: Recent) -> tuple[bytes | None, str]:
