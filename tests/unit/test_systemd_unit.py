@@ -1,4 +1,5 @@
-"""The unit file: hardened as the issue lists, and accepted by systemd-analyze verify."""
+"""The unit files (one camera: yugami-agent.service; several: the template yugami-agent@.service): hardened as
+the issue lists, accepted by systemd-analyze verify, exposure <= 2.0 by systemd-analyze security."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / "yugami-agent.service"
+SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
+UNIT = SYSTEMD / "yugami-agent.service"
+TEMPLATE = SYSTEMD / "yugami-agent@.service"
+# What systemd-analyze is given: a file of that name in a folder; for the template, an instance of it
+# (systemd finds the template beside it), as `systemctl enable yugami-agent@cam1` would run it.
+UNITS = {"yugami-agent.service": UNIT, "yugami-agent@cam1.service": TEMPLATE}
 
 REQUIRED = [
     "Type=notify",
@@ -28,15 +34,37 @@ REQUIRED = [
 ]
 
 
+def _lines(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines()}
+
+
 def test_unit_has_the_required_settings() -> None:
-    lines = {line.strip() for line in UNIT.read_text().splitlines()}
+    lines = _lines(UNIT)
     for setting in REQUIRED:
         assert setting in lines, setting
     assert any(re.fullmatch(r"WatchdogSec=\d+", line) for line in lines)
     assert not any(line.startswith("PrivateDevices=") for line in lines)  # it would hide /dev/video*
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+def test_template_is_the_unit_with_a_config_and_a_state_dir_per_instance() -> None:
+    """Same hardening, same restarts, same watchdog: only what names the instance differs."""
+    per_instance = {
+        "StateDirectory=yugami-agent": "StateDirectory=yugami-agent/%i",
+        "ExecStart=/opt/yugami/venv/bin/yugami-agent --config %E/yugami-agent/agent.yaml":
+            "ExecStart=/opt/yugami/venv/bin/yugami-agent --config %E/yugami-agent/%i.yaml",
+        "Description=yugami visual inspection agent": "Description=yugami visual inspection agent, camera %i",
+    }
+
+    def settings(path: Path) -> set[str]:
+        return {line for line in _lines(path) if line and not line.startswith("#")}
+
+    single, template = settings(UNIT), settings(TEMPLATE)
+    assert {per_instance.get(line, line) for line in single} == template - {"SyslogIdentifier=yugami-agent-%i"}
+    assert "SyslogIdentifier=yugami-agent-%i" in template
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is absent on this machine")
@@ -45,24 +73,29 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # and require that the original's only complaint, if any, is that missing binary.
     script = Path(sys.executable).parent / "yugami-agent"
     assert script.exists(), "the yugami-agent console script is not installed (pip install -e .)"
-    text = UNIT.read_text()
+    unit = UNITS[name]
+    text = unit.read_text()
     assert "ExecStart=/opt/yugami/venv/bin/yugami-agent " in text
-    copy = tmp_path / "yugami-agent.service"
-    copy.write_text(text.replace("ExecStart=/opt/yugami/venv/bin/yugami-agent ", f"ExecStart={script} "))
-    proc = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / unit.name).write_text(
+        text.replace("ExecStart=/opt/yugami/venv/bin/yugami-agent ", f"ExecStart={script} "))
+    proc = subprocess.run([tool, "verify", str(tmp_path / "copy" / name)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "yugami-agent.service" not in proc.stderr, proc.stderr  # no warnings about our unit either
-    original = subprocess.run([tool, "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
-    complaints = [line for line in original.stderr.splitlines() if "yugami-agent.service" in line]
+    assert unit.name not in proc.stderr and name not in proc.stderr, proc.stderr  # no warnings about our unit
+    original = subprocess.run([tool, "verify", str(unit.parent / name)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in original.stderr.splitlines() if unit.name in line or name in line]
     assert all("/opt/yugami/venv/bin/yugami-agent" in line for line in complaints), original.stderr
 
 
-def test_systemd_analyze_security_exposure_stays_at_most_2() -> None:
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_analyze_security_exposure_stays_at_most_2(tmp_path: Path, name: str) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
+    (tmp_path / name).write_text(UNITS[name].read_text())  # the instance's file: security wants a unit name
     run = subprocess.run(
-        [tool, "security", "--offline=true", "--no-pager", str(UNIT)], capture_output=True, text=True, timeout=60
+        [tool, "security", "--offline=true", "--no-pager", str(tmp_path / name)], capture_output=True, text=True,
+        timeout=60,
     )
     found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", run.stdout + run.stderr)
     if found is None:
