@@ -78,12 +78,75 @@ def _check_set(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_collect_list(body: dict[str, Any]) -> str | None:
+    from agent.collect import check_list_body  # pure; imported here to keep this module's deps few
+
+    return check_list_body(body)
+
+
+def _check_fetch(body: dict[str, Any]) -> str | None:
+    from agent.collect import check_fetch_body
+
+    return check_fetch_body(body)
+
+
+FEEDBACK_LABELS = ("good", "defect")
+FEEDBACK_NOTE_CHARS = 1000
+FEEDBACK_LIST_MAX = 1000
+
+
+def _check_frame_id(body: dict[str, Any]) -> str | None:
+    fid = body.get("frame_id")
+    if not isinstance(fid, str) or not fid:
+        return "'frame_id' must be a verdict's id (a non-empty string); 'id' is the request id echoed back"
+    return None
+
+
+def _check_feedback(body: dict[str, Any]) -> str | None:
+    problem = _check_frame_id(body)
+    if problem:
+        return problem
+    if body.get("label") not in FEEDBACK_LABELS:
+        return f"'label' must be one of {', '.join(FEEDBACK_LABELS)} (good: a false alarm; defect: a real one)"
+    note = body.get("note", "")
+    if note is not None and (not isinstance(note, str) or len(note) > FEEDBACK_NOTE_CHARS):
+        return f"'note' must be a string of at most {FEEDBACK_NOTE_CHARS} characters"
+    return None
+
+
+def _check_feedback_list(body: dict[str, Any]) -> str | None:
+    limit = body.get("limit", 100)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= FEEDBACK_LIST_MAX:
+        return f"'limit' must be an integer from 0 to {FEEDBACK_LIST_MAX} (the newest entries listed)"
+    if body.get("label") is not None and body["label"] not in FEEDBACK_LABELS:
+        return f"'label' must be one of {', '.join(FEEDBACK_LABELS)}, or absent for all"
+    return None
+
+
+def _check_install(body: dict[str, Any]) -> str | None:
+    from agent.install import check_install_body  # pure; imported here to keep this module's deps few
+
+    return check_install_body(body)
+
+
 def _never(command: Command) -> Hashable | None:
     return None
 
 
+def _rollback_key(command: Command) -> Hashable | None:
+    return ("rollback",)  # rollbacks waiting together go back once (a second run would undo the first)
+
+
+def _check_reload(body: dict[str, Any]) -> str | None:
+    if "force" in body and not isinstance(body["force"], bool):
+        return "'force' must be true or false (true allows going back to an older bundle version)"
+    return None
+
+
 def _reload_key(command: Command) -> Hashable | None:
-    return ("reload",)  # one reload that starts after every waiting request answers all of them
+    # one reload that starts after every waiting request answers all of them; a forced one runs apart, so
+    # a plain request is never answered by a downgrade it did not ask for
+    return ("reload", command.body.get("force") is True)
 
 
 def _gradcam_key(command: Command) -> Hashable | None:
@@ -96,6 +159,7 @@ class CommandSpec:
     check: Callable[[dict[str, Any]], str | None]  # a problem with the body, or None
     coalesce: Callable[[Command], Hashable | None]  # requests with the same key share one run; None: never
     run: Callable[[CommandHandlers, Pending], None]
+    max_bytes: int | None = None  # a larger body limit than mqtt.max_command_bytes (install: one bundle chunk)
 
 
 def _run_trigger(h: CommandHandlers, p: Pending) -> None:
@@ -110,6 +174,14 @@ def _run_reload(h: CommandHandlers, p: Pending) -> None:
     h.reload(p)
 
 
+def _run_install(h: CommandHandlers, p: Pending) -> None:
+    h.install(p)
+
+
+def _run_rollback(h: CommandHandlers, p: Pending) -> None:
+    h.rollback(p)
+
+
 def _run_set(h: CommandHandlers, p: Pending) -> None:
     h.set(p)
 
@@ -118,22 +190,53 @@ def _run_get(h: CommandHandlers, p: Pending) -> None:
     h.get(p)
 
 
+def _run_collect_list(h: CommandHandlers, p: Pending) -> None:
+    h.collect_list(p)
+
+
+def _run_fetch(h: CommandHandlers, p: Pending) -> None:
+    h.fetch(p)
+
+
+def _run_feedback(h: CommandHandlers, p: Pending) -> None:
+    h.feedback(p)
+
+
+def _run_feedback_list(h: CommandHandlers, p: Pending) -> None:
+    h.feedback_list(p)
+
+
+def _run_feedback_undo(h: CommandHandlers, p: Pending) -> None:
+    h.feedback_undo(p)
+
+
+INSTALL_MAX_BYTES = 4 * ((256 * 1024 + 2) // 3) + 4096  # agent.install.MAX_INSTALL_COMMAND_BYTES: a chunk in base64
+
 TABLE: dict[str, CommandSpec] = {
     "trigger": CommandSpec("trigger", _no_check, _never, _run_trigger),
     "gradcam": CommandSpec("gradcam", _check_gradcam, _gradcam_key, _run_gradcam),
-    "reload": CommandSpec("reload", _no_check, _reload_key, _run_reload),
+    "reload": CommandSpec("reload", _check_reload, _reload_key, _run_reload),
     "set": CommandSpec("set", _check_set, _never, _run_set),  # each runs, in order: the last one wins
     "get": CommandSpec("get", _no_check, _never, _run_get),
+    # chunks of one bundle share a request id: never coalesced, each is one piece of the transfer
+    "install": CommandSpec("install", _check_install, _never, _run_install, max_bytes=INSTALL_MAX_BYTES),
+    "rollback": CommandSpec("rollback", _no_check, _rollback_key, _run_rollback),
+    "collect_list": CommandSpec("collect_list", _check_collect_list, _never, _run_collect_list),
+    "fetch": CommandSpec("fetch", _check_fetch, _never, _run_fetch),
+    "feedback": CommandSpec("feedback", _check_feedback, _never, _run_feedback),  # in order: the last label wins
+    "feedback_list": CommandSpec("feedback_list", _check_feedback_list, _never, _run_feedback_list),
+    "feedback_undo": CommandSpec("feedback_undo", _check_frame_id, _never, _run_feedback_undo),
 }
 COMMANDS = tuple(TABLE)
 
 
 def parse_command_body(name: str, payload: bytes, max_bytes: int) -> Command:
     """A command from its name and raw body; raise CommandError saying what is wrong."""
-    if len(payload) > max_bytes:
-        raise CommandError(name, f"command of {len(payload)} bytes is over the limit of {max_bytes} "
-                                 "(mqtt.max_command_bytes)")
     spec = TABLE.get(name)
+    limit = max(max_bytes, spec.max_bytes) if spec is not None and spec.max_bytes else max_bytes
+    if len(payload) > limit:
+        where = "mqtt.max_command_bytes" if limit == max_bytes else f"the largest {name} command"
+        raise CommandError(name, f"command of {len(payload)} bytes is over the limit of {limit} ({where})")
     if spec is None:
         raise CommandError(name, f"unknown command {name!r}; known: {', '.join(COMMANDS)}")
     if not payload.strip():
@@ -304,8 +407,8 @@ class AgentPort(Protocol):
         """(verdict payload, None, frame id) for a taken frame, or (None, why not, frame id or None)."""
         ...
 
-    def reload_bundle(self, why: str) -> tuple[bool, str, dict[str, Any] | None]:
-        """(ok, message, model) after loading the bundle again."""
+    def reload_bundle(self, why: str, force: bool = False) -> tuple[bool, str, dict[str, Any] | None]:
+        """(ok, message, model) after loading the bundle again; ``force`` allows an older version."""
         ...
 
     def gradcam_allowed(self) -> str | None:
@@ -320,8 +423,29 @@ class AgentPort(Protocol):
         """Compute and publish the overlay for a frame: (jpeg, "") or (None, why not)."""
         ...
 
-    @property
-    def gradcam_topic(self) -> str: ...
+    def gradcam_topic_for(self, frame_id: str) -> str:
+        """The topic a frame's heat map goes to (besides the plain one Home Assistant reads)."""
+        ...
+
+    def feedback(self, frame_id: str, label: str, note: str) -> tuple[bool, str | None, dict[str, Any]]:
+        """cmd/feedback: (ok, error or None, data: the label kept, the extension's change)."""
+        ...
+
+    def feedback_list(self, limit: int, label: str | None) -> dict[str, Any]:
+        """cmd/feedback_list: the newest labelled frames, counts and the extension's state."""
+        ...
+
+    def feedback_undo(self, frame_id: str) -> tuple[bool, str | None, dict[str, Any]]:
+        """cmd/feedback_undo: (ok, error or None, data)."""
+        ...
+
+    def collect_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        """cmd/collect_list: {items, more[, next]}; raises ValueError (agent.collect.CollectError) saying why not."""
+        ...
+
+    def fetch_chunk(self, body: dict[str, Any]) -> dict[str, Any]:
+        """cmd/fetch: one chunk of a listed frame's file; raises ValueError saying why not."""
+        ...
 
     def change_settings(self, body: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
         """cmd/set: (ok, error or None, data carrying the effective settings)."""
@@ -329,6 +453,17 @@ class AgentPort(Protocol):
 
     def settings_report(self) -> dict[str, Any]:
         """cmd/get: the effective settings and their sources."""
+        ...
+
+    def install_chunk(self, pending: Pending) -> str | None:
+        """cmd/install: take one chunk. None when taken: the service either lets the request go unanswered (not
+        the last chunk) or holds it (``pending.held``) and answers it with :meth:`CommandHandlers.reply` when
+        the install is over. A string: why the chunk is refused (answered at once)."""
+        ...
+
+    def rollback_bundle(self, pending: Pending) -> str | None:
+        """cmd/rollback: back to the previous bundle. None: answered now or held and answered later (as
+        install_chunk); a string: why not."""
         ...
 
 
@@ -358,7 +493,7 @@ class CommandHandlers:
                    confidence=payload["confidence"])
 
     def reload(self, pending: Pending) -> None:
-        ok, text, model = self.port.reload_bundle("cmd/reload")
+        ok, text, model = self.port.reload_bundle("cmd/reload", force=pending.command.body.get("force") is True)
         if ok:
             self.reply(pending, ok=True, model=model)
         else:
@@ -370,6 +505,47 @@ class CommandHandlers:
 
     def get(self, pending: Pending) -> None:
         self.reply(pending, ok=True, **self.port.settings_report())
+
+    def install(self, pending: Pending) -> None:
+        # Chunks before the last take no reply slot once run: only a refusal, or the final result, is answered.
+        error = self.port.install_chunk(pending)
+        if error is not None:
+            self.reply(pending, ok=False, error=error)
+
+    def rollback(self, pending: Pending) -> None:
+        error = self.port.rollback_bundle(pending)
+        if error is not None:
+            self.reply(pending, ok=False, error=error)
+
+    def collect_list(self, pending: Pending) -> None:
+        try:
+            data = self.port.collect_list(pending.command.body)
+        except ValueError as exc:
+            self.reply(pending, ok=False, error=str(exc))
+            return
+        self.reply(pending, ok=True, **data)
+
+    def fetch(self, pending: Pending) -> None:
+        body = pending.command.body
+        try:
+            data = self.port.fetch_chunk(body)
+        except ValueError as exc:
+            self.reply(pending, ok=False, error=str(exc), frame_id=body.get("frame_id"), file=body.get("file"))
+            return
+        self.reply(pending, ok=True, **data)
+
+    def feedback(self, pending: Pending) -> None:
+        body = pending.command.body
+        ok, error, data = self.port.feedback(body["frame_id"], body["label"], body.get("note") or "")
+        self.reply(pending, ok=ok, error=error, **data)
+
+    def feedback_list(self, pending: Pending) -> None:
+        body = pending.command.body
+        self.reply(pending, ok=True, **self.port.feedback_list(body.get("limit", 100), body.get("label")))
+
+    def feedback_undo(self, pending: Pending) -> None:
+        ok, error, data = self.port.feedback_undo(pending.command.body["frame_id"])
+        self.reply(pending, ok=ok, error=error, **data)
 
     def gradcam(self, pending: Pending) -> None:
         refused = self.port.gradcam_allowed()
@@ -405,8 +581,8 @@ class CommandHandlers:
             if jpeg is None:
                 self.reply(pending, ok=False, frame_id=record.frame_id, error=error)
             else:
-                self.reply(pending, ok=True, frame_id=record.frame_id, topic=self.port.gradcam_topic,
-                           bytes=len(jpeg))
+                self.reply(pending, ok=True, frame_id=record.frame_id,
+                           topic=self.port.gradcam_topic_for(record.frame_id), bytes=len(jpeg))
 
     def after_frame(self, record: Any) -> bool:
         """Answer the requests waiting for the next frame with this one; True if there were any."""

@@ -204,17 +204,95 @@ class ServiceConfig:
 
 
 @dataclass
+class BundleTrustConfig:
+    public_keys: list[str] = field(
+        default_factory=list,
+        metadata=_doc("Ed25519 public key files (.pub from yugami-keys generate) whose signatures this box "
+                      "accepts; several for key rotation"),
+    )
+    require_signature: bool | None = field(
+        default=None,
+        metadata=_doc("refuse unsigned bundles (null: true when public_keys is not empty); a signed bundle "
+                      "is always checked against public_keys"),
+    )
+
+    @property
+    def required(self) -> bool:
+        """Whether an unsigned bundle is refused."""
+        return bool(self.public_keys) if self.require_signature is None else self.require_signature
+
+
+@dataclass
+class FleetConfig:
+    groups: list[str] = field(
+        default_factory=list,
+        metadata=_doc("groups this box belongs to: it also takes cmd/install and cmd/rollback on "
+                      "<prefix>/group/<group>/cmd/<name>"),
+    )
+    install: Literal["signed", "any", "off"] = field(
+        default="signed",
+        metadata=_doc("cmd/install: signed (only bundles signed by a bundle_trust key), any (unsigned too), "
+                      "off (refused)"),
+    )
+    max_bundle_bytes: int = field(
+        default=64 * 1024 * 1024, metadata=_doc("largest bundle (its tar) cmd/install accepts, in bytes")
+    )
+    shadow_frames: int = field(
+        default=16,
+        metadata=_doc("recent frames a bundle being installed scores before the switch (at most "
+                      "service.recent_frames; 0: no shadow scoring)"),
+    )
+    max_anomaly_share: float = field(
+        default=0.5,
+        metadata=_doc("health gate: a bundle calling more than this share of the shadow frames (or of the first "
+                      "watch_frames after the switch) anomalous is refused (or rolled back)"),
+    )
+    watch_frames: int = field(
+        default=20, metadata=_doc("frames watched after a switch; failing the gate rolls back (0: no watch)")
+    )
+    keep_bundles: int = field(
+        default=3, metadata=_doc("installed bundle folders kept on disk (at least 2: in use and previous)")
+    )
+
+
+@dataclass
+class FeedbackConfig:
+    bank_extension: bool = field(
+        default=True,
+        metadata=_doc("cmd/feedback: a 'good' label on a frame called anomaly adds its features to the normal "
+                      "banks on the box, so the same false alarm stops at once"),
+    )
+    max_extension: int = field(
+        default=32,
+        metadata=_doc("frames in the bank extension at most (the oldest goes first); each adds one GeM row and "
+                      "the patch cells that made its alarm to every frame's search"),
+    )
+    max_frames: int = field(
+        default=200,
+        metadata=_doc("labelled frames kept under <storage>/feedback (lossless PNG + JSON) at most; the oldest "
+                      "label goes first"),
+    )
+
+
+@dataclass
 class AgentConfig:
     device_id: str = field(metadata=_doc("this camera box's name: letters, digits, '_', '-', '.'; used in topics"))
     bundle: str = field(metadata=_doc("model bundle folder written by yugami-train"))
     capture: CaptureConfig = field(metadata=_doc("where frames come from"))
     mqtt: MqttConfig = field(metadata=_doc("the broker"))
     threads: int | None = field(default=None, metadata=_doc("TFLite interpreter threads (null: the runtime's choice)"))
+    bundle_trust: BundleTrustConfig = field(
+        default_factory=BundleTrustConfig, metadata=_doc("which bundles this box accepts: signed by which keys")
+    )
     gradcam: GradcamConfig = field(default_factory=GradcamConfig, metadata=_doc("Grad-CAM heat maps"))
     storage: StorageConfig = field(default_factory=StorageConfig, metadata=_doc("evidence and state on disk"))
     outbox: OutboxConfig = field(default_factory=OutboxConfig, metadata=_doc("durable queue of verdicts"))
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=_doc("Prometheus metrics"))
     service: ServiceConfig = field(default_factory=ServiceConfig, metadata=_doc("service behaviour"))
+    feedback: FeedbackConfig = field(
+        default_factory=FeedbackConfig, metadata=_doc("operator feedback (cmd/feedback) and the bank extension")
+    )
+    fleet: FleetConfig = field(default_factory=FleetConfig, metadata=_doc("bundles installed over MQTT, groups"))
     config_path: str | None = field(default=None, metadata={"internal": True})
 
     @property
@@ -251,6 +329,7 @@ _VAR_RE = re.compile(r"\$(\{[^}]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 # --check-config checked, and nothing expands a path a second time.
 PATH_KEYS = (
     "bundle",
+    "bundle_trust.public_keys",  # a list: every entry is expanded
     "capture.source",
     "storage.dir",
     "mqtt.password_file",
@@ -516,6 +595,12 @@ def _expand_paths(cfg: AgentConfig) -> dict[str, str]:
     for key in PATH_KEYS:
         holder, attr = _path_holder(cfg, key)
         raw = getattr(holder, attr)
+        if isinstance(raw, list):  # bundle_trust.public_keys: every entry on its own
+            setattr(holder, attr, [expand_path(v) for v in raw])
+            for i, v in enumerate(raw):
+                if unset_variables(v):
+                    unset[f"{key}[{i}]"] = _unset_problem(f"{key}[{i}]", v, unset_variables(v))
+            continue
         if not _is_local_path(key, raw):
             continue
         setattr(holder, attr, expand_path(raw))
@@ -604,6 +689,64 @@ def _check_rest(cfg: AgentConfig, problems: list[str]) -> None:
     if not 0 < cfg.metrics.port < 65536:
         problems.append(f"metrics.port: {cfg.metrics.port} is not a TCP port (1-65535)")
     _positive(problems, "service.ready_timeout_s", cfg.service.ready_timeout_s)
+    if not 1 <= cfg.feedback.max_extension <= 1000:
+        problems.append(f"feedback.max_extension: {cfg.feedback.max_extension} must be between 1 and 1000 (set "
+                        "feedback.bank_extension: false to keep labels without extending the banks)")
+    if not 1 <= cfg.feedback.max_frames <= 100000:
+        problems.append(f"feedback.max_frames: {cfg.feedback.max_frames} must be between 1 and 100000")
+
+
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_BUNDLE_BYTES_LIMIT = 1024 * 1024 * 1024  # 1 GiB: a bundle is a few MB; more is a typo
+
+
+def _check_fleet(cfg: AgentConfig, problems: list[str]) -> None:
+    f = cfg.fleet
+    for i, group in enumerate(f.groups):
+        if isinstance(group, str) and not GROUP_RE.match(group):
+            problems.append(f"fleet.groups[{i}]: {group!r} must be 1-64 letters, digits, '_', '-' or '.' (it becomes "
+                            "an MQTT topic level)")
+    if len(set(f.groups)) != len(f.groups):
+        problems.append("fleet.groups: a group is listed twice; list each once")
+    if not 1 <= f.max_bundle_bytes <= MAX_BUNDLE_BYTES_LIMIT:
+        problems.append(f"fleet.max_bundle_bytes: {f.max_bundle_bytes} must be between 1 and {MAX_BUNDLE_BYTES_LIMIT} "
+                        "(a bundle is a few MB; 67108864 is the default)")
+    if f.shadow_frames < 0:
+        problems.append(f"fleet.shadow_frames: {f.shadow_frames} must be 0 or more")
+    elif f.shadow_frames > cfg.service.recent_frames:
+        problems.append(f"fleet.shadow_frames: {f.shadow_frames} is more than service.recent_frames "
+                        f"({cfg.service.recent_frames}), the frames kept to score; lower fleet.shadow_frames or "
+                        "raise service.recent_frames")
+    if not 0.0 <= f.max_anomaly_share <= 1.0:
+        problems.append(f"fleet.max_anomaly_share: {f.max_anomaly_share} must be between 0 and 1 (a share of frames)")
+    if not 0 <= f.watch_frames <= 100000:
+        problems.append(f"fleet.watch_frames: {f.watch_frames} must be between 0 and 100000")
+    if f.keep_bundles < 2:
+        problems.append(f"fleet.keep_bundles: {f.keep_bundles} must be at least 2 (the bundle in use and the "
+                        "previous one, for cmd/rollback)")
+
+
+def _check_trust(t: BundleTrustConfig, problems: list[str]) -> None:
+    if t.require_signature and not t.public_keys:
+        problems.append("bundle_trust.require_signature: true needs the keys that sign your bundles; list their "
+                        ".pub files under bundle_trust.public_keys (yugami-keys generate writes them) or set it "
+                        "to false")
+
+
+def trust_key_problems(cfg: AgentConfig, unset: dict[str, str] | None = None) -> list[str]:
+    """Each bundle_trust.public_keys file must be a readable Ed25519 public key; each problem names the entry."""
+    from agent.trust import load_public_key  # cryptography, loaded only where keys are configured
+
+    problems: list[str] = []
+    for i, path in enumerate(cfg.bundle_trust.public_keys):
+        key = f"bundle_trust.public_keys[{i}]"
+        if unset and key in unset:
+            continue
+        try:
+            load_public_key(path)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    return problems
 
 
 def _check_storage_dir(cfg: AgentConfig, problems: list[str]) -> None:
@@ -648,9 +791,12 @@ def parse_config(data: Any, source: str = "config", check_files: bool = True) ->
     _check_capture(cfg.capture, problems)
     _check_mqtt(cfg.mqtt, problems)
     _check_rest(cfg, problems)
+    _check_trust(cfg.bundle_trust, problems)
+    _check_fleet(cfg, problems)
     if check_files:
         problems.extend(unset.values())
         _check_mqtt_files(cfg.mqtt, problems, unset)
+        problems.extend(trust_key_problems(cfg, unset))
     if check_files and not problems:
         problems.extend(open_file_problems(cfg))
     if check_files and not problems:
@@ -710,6 +856,8 @@ def field_docs(cls: type = AgentConfig, prefix: str = "") -> list[tuple[str, str
             continue
         if f.default is not dataclasses.MISSING:
             default = "null" if f.default is None else repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # a list: [] rather than "(required)"
+            default = repr(f.default_factory())
         else:
             default = "(required)"
         rows.append((path, default, f.metadata.get("help", "")))

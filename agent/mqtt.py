@@ -7,8 +7,11 @@ Topics, with ``<base>`` = ``<prefix>/<device>`` (prefix ``yugami`` by default):
 - ``<base>/state``          the last verdict, retained
 - ``<base>/stats``          periodic health JSON, retained
 - ``<base>/event``          notable events (bad frame, source down/up, outbox drop, reload)
-- ``<base>/gradcam``        JPEG bytes of a Grad-CAM overlay
+- ``<base>/gradcam``        JPEG bytes of a Grad-CAM overlay (the latest, for Home Assistant's image entity)
+- ``<base>/gradcam/<id>``   the same JPEG under the verdict id it belongs to
 - ``<base>/cmd/<name>``     commands in (JSON object bodies); answers on ``<base>/cmd/<name>/result``
+- ``<prefix>/group/<group>/cmd/<install|rollback>``  the same for every box in ``fleet.groups``; each answers on
+  its own ``<base>/cmd/<name>/result``
 - ``<discovery>/device/<node>/config``  Home Assistant device discovery, retained
 """
 
@@ -84,6 +87,11 @@ class Topics:
     def gradcam(self) -> str:
         return f"{self.base}/gradcam"
 
+    def gradcam_for(self, frame_id: str) -> str:
+        """``<base>/gradcam/<frame id>``: the heat map of one verdict (``+``, ``#`` and ``/``, which cannot
+        stand in a topic level, become ``_``)."""
+        return f"{self.base}/gradcam/{topic_level(frame_id)}"
+
     @property
     def cmd_filter(self) -> str:
         return f"{self.base}/cmd/+"
@@ -93,6 +101,9 @@ class Topics:
 
     def cmd_result(self, name: str) -> str:
         return f"{self.base}/cmd/{name}/result"
+
+    def group_cmd(self, group: str, name: str) -> str:
+        return f"{self.prefix}/group/{group}/cmd/{name}"
 
     @property
     def ha_status(self) -> str:
@@ -110,6 +121,11 @@ class Topics:
     @classmethod
     def from_config(cls, cfg: AgentConfig) -> Topics:
         return cls(cfg.mqtt.topic_prefix, cfg.device_id, cfg.mqtt.homeassistant.discovery_prefix)
+
+
+def topic_level(text: str) -> str:
+    """``text`` as one topic level: the wildcards, the separator and NUL replaced by ``_``."""
+    return "".join("_" if ch in "+#/\0" else ch for ch in text) or "_"
 
 
 def _json(payload: dict[str, Any]) -> bytes:
@@ -136,8 +152,10 @@ def verdict_payload(
     model_name: str,
     model_sha256: str,
     latency_ms: float,
+    evidence: bool = False,
 ) -> dict[str, Any]:
-    """The verdict JSON, exactly the documented fields in the documented order."""
+    """The verdict JSON, exactly the documented fields in the documented order. ``evidence``: whether the
+    frame was saved (``<storage>/evidence/<day>/<HHMMSS>_<id>``) before the verdict was stored."""
     return {
         "v": PAYLOAD_VERSION,
         "id": frame_id,
@@ -150,6 +168,7 @@ def verdict_payload(
         "confidence": round(float(confidence), 4),
         "model": {"name": model_name, "sha256": model_sha256},
         "latency_ms": round(float(latency_ms), 3),
+        "evidence": bool(evidence),
     }
 
 
@@ -180,8 +199,9 @@ def command_result_message(
     return Message(topics.cmd_result(name), _json(body), qos=1, retain=False)
 
 
-def gradcam_message(topics: Topics, jpeg: bytes) -> Message:
-    return Message(topics.gradcam, jpeg, qos=0, retain=False)
+def gradcam_message(topics: Topics, jpeg: bytes, frame_id: str | None = None) -> Message:
+    """The heat map on ``<base>/gradcam``, or with ``frame_id`` on ``<base>/gradcam/<frame_id>``."""
+    return Message(topics.gradcam if frame_id is None else topics.gradcam_for(frame_id), jpeg, qos=0, retain=False)
 
 
 def discovery_message(topics: Topics, model_name: str) -> Message:
@@ -243,6 +263,18 @@ def command_name(topics: Topics, topic: str) -> str | None:
         return None
     name = topic[len(prefix):]
     return name if name and "/" not in name else None
+
+
+GROUP_COMMANDS = ("install", "rollback")  # what a group topic may carry
+
+
+def group_command_name(topics: Topics, groups: list[str], topic: str) -> str | None:
+    """The command on ``<prefix>/group/<group>/cmd/<name>`` for one of this box's groups, or None."""
+    head = f"{topics.prefix}/group/"
+    if not topic.startswith(head):
+        return None
+    group, sep, name = topic[len(head):].partition("/cmd/")
+    return name if sep and group in groups and name in GROUP_COMMANDS else None
 
 
 def parse_command(topics: Topics, topic: str, payload: bytes, max_bytes: int) -> Command:
@@ -375,6 +407,7 @@ class MqttLink:
         for msg in self.cb.on_connected():
             self._send(msg)
         subs = [(self.topics.cmd_filter, 1)]
+        subs += [(self.topics.group_cmd(g, name), 1) for g in self.cfg.fleet.groups for name in GROUP_COMMANDS]
         if self.cfg.mqtt.homeassistant.enabled:
             subs.append((self.topics.ha_status, 1))
         client.subscribe(subs)
@@ -415,10 +448,11 @@ class MqttLink:
                 logger.info("Home Assistant is back online: announcing the device again")
                 self._announce()
             return
-        if command_name(self.topics, topic) is None:
+        name = command_name(self.topics, topic) or group_command_name(self.topics, self.cfg.fleet.groups, topic)
+        if name is None:
             return
         try:
-            command = parse_command(self.topics, topic, message.payload, self.cfg.mqtt.max_command_bytes)
+            command = parse_command_body(name, message.payload, self.cfg.mqtt.max_command_bytes)
         except CommandError as exc:
             if self.refusals.allow():  # a flood of bad commands must not become a flood of answers
                 logger.warning("refused command on %s: %s", topic, exc)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import sqlite3
 import sys
@@ -30,15 +31,37 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent import __version__
-from agent.bundle import Bundle, BundleError, load_bundle
+from agent.bundle import MANIFEST, MAX_MANIFEST_BYTES, Bundle, BundleError, load_bundle, sha256_bytes
 from agent.capture import Frame, ManagedSource, SourceStatus, make_source, new_run_id
-from agent.commands import CommandHandlers, CommandQueue, CommandRunner, ReplyLimiter, busy_error
+from agent.collect import Collector, StoredFrame, evidence_frames, labelled_frames
+from agent.commands import CommandHandlers, CommandQueue, CommandRunner, Pending, ReplyLimiter, busy_error
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config, warnings_for
+from agent.feedback import FeedbackError, FeedbackLoop, FrameRef
+from agent.install import (
+    BUNDLES_DIR,
+    INCOMING,
+    INSTALLED_FILE,
+    Installed,
+    InstallError,
+    JobOutcome,
+    Reassembler,
+    Shadow,
+    Transfer,
+    Watch,
+    gate_problem,
+    prune,
+    read_installed,
+    remove_tree,
+    shadow_score,
+    stage,
+    write_installed,
+)
 from agent.metrics import MetricsServer
 from agent.mqtt import (
     Command,
@@ -73,6 +96,7 @@ from agent.settings import (
     settings_path,
 )
 from agent.storage import Evidence
+from agent.trust import Signer, is_downgrade, load_trusted_keys, verify_signature
 
 logger = logging.getLogger(__name__)
 
@@ -83,26 +107,72 @@ BUSY_REPLY_BURST = 5  # "busy" answers at once when the command queue is full ..
 BUSY_REPLY_PER_S = 1.0  # ... then this many per second: a flood must not become a flood of answers
 
 
-def load_agent_bundle(cfg: AgentConfig) -> Bundle:
-    """The configured bundle, with the config's ROI (if any) replacing the bundle's.
+def load_agent_bundle(cfg: AgentConfig, path: str | os.PathLike[str] | None = None, current: Bundle | None = None,
+                      force: bool = False) -> Bundle:
+    """The configured bundle (or the one at ``path``, e.g. an installed bundle), checked against the config's
+    ``bundle_trust``, with the config's ROI (if any) replacing the bundle's.
 
     Raises BundleError for anything wrong with it, also for what the loader did not foresee (an error of
-    another type while loading is a bundle the agent cannot use, not a reason to crash), and for a
-    threshold that is not a finite number (a verdict with NaN cannot even be written as JSON)."""
+    another type while loading is a bundle the agent cannot use, not a reason to crash), for a threshold that
+    is not a finite number (a verdict with NaN cannot even be written as JSON), for a signature bundle_trust
+    refuses (unsigned, bad, unknown key, manifest changed after signing), and for a version below
+    ``current``'s unless ``force``. Touches no service state, so any thread may call it (the install worker
+    does); the caller swaps the bundle in."""
+    where = str(path) if path is not None else cfg.bundle
+    raw, signer = _verified_manifest(cfg, where)
     try:
-        bundle = load_bundle(cfg.bundle, num_threads=cfg.threads)
+        bundle = load_bundle(where, num_threads=cfg.threads)
     except (BundleError, ImportError):
         raise
     except Exception as exc:
-        raise BundleError(f"bundle {cfg.bundle}: cannot be loaded ({type(exc).__name__}: {exc}); re-export it "
+        raise BundleError(f"bundle {where}: cannot be loaded ({type(exc).__name__}: {exc}); re-export it "
                           "with yugami-train, or copy it again if it was damaged") from exc
+    if (cfg.bundle_trust.public_keys or cfg.bundle_trust.required) and (
+        raw is None or sha256_bytes(raw) != bundle.manifest_sha256
+    ):  # the signature was checked on other bytes than the loader read: the folder changed meanwhile
+        raise BundleError(f"bundle {where}/{MANIFEST}: changed while it was being loaded; load it again once the "
+                          "new bundle is written whole (unpack beside it and repoint a link)")
     if not math.isfinite(bundle.threshold):
-        raise BundleError(f"bundle {cfg.bundle}/manifest.json: 'threshold.value' must be a finite number, not "
+        raise BundleError(f"bundle {where}/manifest.json: 'threshold.value' must be a finite number, not "
                           f"{bundle.threshold!r}; re-export the bundle with yugami-train")
+    if current is not None and not force and is_downgrade(bundle.version, current.version):
+        raise BundleError(f"bundle {where}: downgrade from version {current.version} to {bundle.version} refused; "
+                          "send force: true (cmd/reload {\"force\": true}, yugami-fleet push --force) to go back "
+                          "to an older bundle, or export the bundle with a higher --model-version")
+    changes: dict[str, Any] = {"signer": signer.as_dict() if signer else None}
     if cfg.capture.roi is not None:
-        roi = tuple(cfg.capture.roi)
-        bundle = dataclasses.replace(bundle, preprocessing=bundle.preprocessing.with_roi(roi))  # type: ignore[arg-type]
-    return bundle
+        changes["preprocessing"] = bundle.preprocessing.with_roi(tuple(cfg.capture.roi))  # type: ignore[arg-type]
+    return dataclasses.replace(bundle, **changes)
+
+
+def _verified_manifest(cfg: AgentConfig, where: str) -> tuple[bytes | None, Signer | None]:
+    """(the manifest's raw bytes, the verified signer) per ``bundle_trust``; (None, None) when the manifest
+    cannot be read here (load_bundle then says what is wrong with the folder)."""
+    trust = cfg.bundle_trust
+    try:
+        keys = load_trusted_keys(trust.public_keys)  # read again on every load: rotating keys needs no restart
+    except ValueError as exc:
+        raise BundleError(f"bundle_trust.public_keys: {exc}") from exc
+    mpath = os.path.join(where, MANIFEST)
+    try:
+        if os.path.getsize(mpath) > MAX_MANIFEST_BYTES:
+            return None, None
+        with open(mpath, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None, None
+    signer = verify_signature(where, raw, keys, trust.required)  # type: ignore[arg-type]
+    if signer is None and keys:
+        logger.warning("bundle %s is unsigned; accepted because bundle_trust.require_signature is false", where)
+    return raw, signer
+
+
+def model_info(bundle: Bundle | None) -> dict[str, Any]:
+    """The model as stats, command results and events name it: name, version, sha256, signer."""
+    if bundle is None:
+        return {"name": None, "version": None, "sha256": None, "signer": None}
+    signer = {"key_id": bundle.signer["key_id"], "name": bundle.signer["name"]} if bundle.signer else None
+    return {"name": bundle.name, "version": bundle.version, "sha256": bundle.manifest_sha256, "signer": signer}
 
 
 def release_free_memory() -> bool:
@@ -205,9 +275,19 @@ class Agent:
         self._degraded_ready = False
         self.scorer: Scorer | None = None
         self.metrics: MetricsServer | None = None
+        self._collector: Collector | None = None  # cmd/collect_list and cmd/fetch, made on first use
         self.settings = Settings()  # cmd/set overrides, persisted in <storage_dir>/settings.json
         self._settings_path = settings_path(cfg.storage_dir)
         self._settings_problem: str | None = None  # why settings.json could not be used at start
+        # bundles installed over MQTT (agent.install): chunks on this thread, the job in a worker thread
+        self._bundles = cfg.storage_dir / BUNDLES_DIR
+        self._reassembler = Reassembler(self._bundles / INCOMING, cfg.fleet.max_bundle_bytes)
+        self._job_kind: str | None = None  # "install" or "rollback" while a worker runs
+        self._job_results: queue.SimpleQueue[JobOutcome] = queue.SimpleQueue()
+        self._installed: Installed | None = None  # installed.json: the bundle in use and the previous one
+        self._watch: Watch | None = None  # the first frames after an install
+        self._watch_from: Scorer | None = None  # the previous bundle, kept at hand while watching
+        self._install_start_events: list[tuple[str, dict[str, Any]]] = []
 
     # --- setup ---
 
@@ -260,6 +340,7 @@ class Agent:
                                "give storage.dir a writable folder with free space, or move a damaged "
                                "outbox.sqlite3 aside (its undelivered verdicts are in it)"], source) from exc
         self.evidence = Evidence(storage, cfg.storage)
+        self.feedback_loop = FeedbackLoop(storage, cfg.feedback, cfg.device_id, self._event)
 
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
@@ -343,7 +424,7 @@ class Agent:
             "anomalies": c.anomalies,
             "errors": c.errors,
             "latency_ms": c.latency(),
-            "model": {"name": bundle.name if bundle else None, "sha256": bundle.manifest_sha256 if bundle else None},
+            "model": model_info(bundle),
             "reconnects": self.link.reconnects,
             "mqtt_connected": self.link.connected.is_set(),
             "outbox": self.outbox.stats(),
@@ -351,8 +432,10 @@ class Agent:
             "evidence": {"saved": self.evidence.saved, "kept": len(self.evidence), "bytes": self.evidence.bytes,
                          "errors": self.evidence.errors, "skipped": self.evidence.skipped},
             "commands": self.commands.stats(),
+            "feedback": self.feedback_loop.counts(),
             "version": __version__,
             **self._settings_stats(),
+            **self._install_stats(),
         }
 
     def _status_line(self) -> str:
@@ -366,7 +449,7 @@ class Agent:
 
     def run(self) -> int:
         try:
-            bundle = load_agent_bundle(self.cfg)
+            bundle = self._start_bundle()
         except (BundleError, ImportError) as exc:
             logger.error("%s", exc)
             return EX_CONFIG
@@ -374,6 +457,8 @@ class Agent:
         self.scorer = self.make_scorer(bundle)
         logger.info("model %s (manifest sha256 %s), threshold %.6f (%s)", bundle.name, bundle.manifest_sha256[:12],
                     self.scorer.threshold, self.effective_settings().threshold_source)
+        logger.info("model version %s, %s", bundle.version, f"signed by {bundle.signer['name']} (key id "
+                    f"{bundle.signer['key_id']})" if bundle.signer else "no verified signature")
         self._install_signals()
         try:
             self._setup()
@@ -381,6 +466,7 @@ class Agent:
             logger.error("cannot start: %s", exc)
             return EX_CONFIG
         self._settings_start_events(bundle)
+        self._send_install_start_events()
         try:
             self._loop()
         finally:
@@ -406,6 +492,7 @@ class Agent:
                 next_stats = now + cfg.mqtt.stats_interval_s
                 self._publish_stats()
             self.handlers.expire(now)
+            self._install_tick()
             self.outbox.tick()  # a disk that refused writes is tried again when due
             if not self.outbox.has_room():
                 self._idle(IDLE_WAIT_S)  # backpressure: no frame is taken whose verdict could not be kept
@@ -472,6 +559,7 @@ class Agent:
             self._bad_frame(frame, frame.error or "empty frame")
             return None
         scorer = self.scorer
+        self.feedback_loop.follow(scorer)  # a new scorer (reload, install, rollback) gets the bank extension
         try:
             result, emb = scorer.score(frame.image, frame.source)
         except ImageError as exc:
@@ -487,6 +575,10 @@ class Agent:
             score=result.score, threshold=result.threshold, verdict=result.verdict, confidence=result.confidence,
             model_name=bundle.name, model_sha256=bundle.manifest_sha256, latency_ms=result.latency_ms,
         )
+        # Evidence before the verdict is stored, so "evidence": true means the file is there. A crash in between
+        # leaves a saved frame whose verdict comes again with the frame (same id): nothing is lost.
+        if self.evidence.wants(result.verdict):
+            payload["evidence"] = self._save_evidence(frame, payload)
         msg = verdict_message(self.topics, payload, qos=self.cfg.mqtt.qos)
         # Stored first (on disk, or in memory while the disk refuses writes), then the file marked inspected:
         # a crash in between repeats the frame (same id), the other order could lose it.
@@ -499,13 +591,21 @@ class Agent:
         self.last_state = payload
         self.link.publish(state_message(self.topics, payload))
         self.counters.frame(result.latency_ms, result.verdict == "anomaly")
-        if self.evidence.wants(result.verdict):
-            self.evidence.save(frame.image, payload)
         self.kept_frames.append(KeptFrame(frame.frame_id, frame.image, payload))
-        record = Recent(frame.frame_id, bundle, emb, result.nearest)
+        record = Recent(frame.frame_id, scorer.view, emb, result.nearest)  # view: nearest may be an extension row
         self.recent.append(record)
         self._gradcam_after_frame(record, result.verdict)
+        self._watch_frame(result.verdict == "anomaly")
         return payload
+
+    def _save_evidence(self, frame: Frame, payload: dict[str, Any]) -> bool:
+        """Save the frame and its verdict (which says evidence: true); False when it could not be saved."""
+        payload["evidence"] = True
+        try:
+            return self.evidence.save(frame.image, payload) is not None
+        except Exception:  # evidence is a help: never a reason to lose the verdict
+            logger.exception("saving evidence for frame %s failed", frame.frame_id)
+            return False
 
     def _bad_frame(self, frame: Frame, error: str) -> None:
         self.counters.errors += 1
@@ -538,11 +638,10 @@ class Agent:
             return None, "the frame was bad (see the bad_frame event)", frame.frame_id
         return payload, None, frame.frame_id
 
-    def reload_bundle(self, why: str) -> tuple[bool, str, dict[str, Any] | None]:
-        ok, text = self._reload(why)
+    def reload_bundle(self, why: str, force: bool = False) -> tuple[bool, str, dict[str, Any] | None]:
+        ok, text = self._reload(why, force=force)
         bundle = self.scorer.bundle if self.scorer else None
-        model = {"name": bundle.name, "sha256": bundle.manifest_sha256} if bundle else None
-        return ok, text, model
+        return ok, text, model_info(bundle) if bundle else None
 
     def gradcam_allowed(self) -> str | None:
         if self.effective_settings().gradcam_policy == "off":
@@ -562,6 +661,66 @@ class Agent:
     @property
     def gradcam_topic(self) -> str:
         return self.topics.gradcam
+
+    def gradcam_topic_for(self, frame_id: str) -> str:
+        return self.topics.gradcam_for(frame_id)
+
+    # --- operator feedback (cmd/feedback, cmd/feedback_list, cmd/feedback_undo; agent.feedback) ---
+
+    def feedback(self, frame_id: str, label: str, note: str) -> tuple[bool, str | None, dict[str, Any]]:
+        """Label a verdict's frame (kept in memory or as evidence); a good label on a false alarm extends the
+        bank at once."""
+        assert self.scorer is not None
+        frame = self._frame_for_feedback(frame_id)
+        if frame is None:
+            return False, (f"frame {frame_id!r} is neither among the last {len(self.kept_frames)} frames kept in "
+                           "memory nor in the evidence folder (too old, or never saved); raise "
+                           "service.recent_frames, or keep evidence (storage.save_anomalies, "
+                           "storage.save_normal_every)"), {"frame_id": frame_id}
+        try:
+            return True, None, self.feedback_loop.label(self.scorer, frame, label, note)
+        except FeedbackError as exc:
+            return False, str(exc), {"frame_id": frame_id}
+
+    def feedback_list(self, limit: int, label: str | None) -> dict[str, Any]:
+        if self.scorer is not None:
+            self.feedback_loop.follow(self.scorer)
+        return self.feedback_loop.listing(limit, label)
+
+    def feedback_undo(self, frame_id: str) -> tuple[bool, str | None, dict[str, Any]]:
+        if self.scorer is not None:
+            self.feedback_loop.follow(self.scorer)
+        try:
+            return True, None, self.feedback_loop.undo(frame_id)
+        except FeedbackError as exc:
+            return False, str(exc), {"frame_id": frame_id}
+
+    def _frame_for_feedback(self, frame_id: str) -> FrameRef | None:
+        kept = next((k for k in reversed(self.kept_frames) if k.frame_id == frame_id), None)
+        if kept is not None:
+            return FrameRef(frame_id, kept.image, kept.payload, "recent")
+        saved = self.evidence.load(frame_id)
+        if saved is not None:
+            return FrameRef(frame_id, saved[0], saved[1], "evidence")
+        return None
+
+    # --- frames back to the workstation (cmd/collect_list, cmd/fetch; agent.collect) ---
+
+    def collect_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._collect().list(body)
+
+    def fetch_chunk(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._collect().fetch(body)
+
+    def _collect(self) -> Collector:
+        if self._collector is None:
+            self._collector = Collector(self._stored_frames)
+        return self._collector
+
+    def _stored_frames(self) -> list[StoredFrame]:
+        """Labelled frames (the feedback store), then evidence frames without a label; from memory."""
+        labelled = labelled_frames(self.feedback_loop.store.entries())
+        return labelled + evidence_frames(self.evidence.entries(), {f.frame_id for f in labelled})
 
     # --- settings at run time (cmd/set, cmd/get; agent.settings) ---
 
@@ -657,7 +816,7 @@ class Agent:
         stored.pop("format")
         return {"settings": self.effective_settings().as_dict(), "stored": stored}
 
-    def _reload(self, why: str) -> tuple[bool, str]:
+    def _reload(self, why: str, force: bool = False) -> tuple[bool, str]:
         """Load the bundle again; on any problem keep the current one. Returns (ok, message).
 
         Never raises: READY=1 follows every RELOADING=1, whatever happened, so systemd's reload job ends
@@ -665,7 +824,7 @@ class Agent:
         self.notifier.reloading()
         status = "reload failed"
         try:
-            ok, text = self._swap_bundle(why)
+            ok, text = self._swap_bundle(why, force=force)
             if ok:
                 release_free_memory()  # the old bundle is gone by now (its last reference died with the swap)
             status = self._status_line() if ok else f"reload refused: {text}"
@@ -679,11 +838,11 @@ class Agent:
         finally:
             self.notifier.ready(status=status)
 
-    def _swap_bundle(self, why: str) -> tuple[bool, str]:
+    def _swap_bundle(self, why: str, force: bool = False) -> tuple[bool, str]:
         assert self.scorer is not None
         old = self.scorer.bundle
         try:
-            bundle = load_agent_bundle(self.cfg)
+            bundle = load_agent_bundle(self.cfg, current=old, force=force)
             scorer = self.make_scorer(bundle)
         except (BundleError, ImportError) as exc:
             text = f"bundle refused, keeping {old.name} ({old.manifest_sha256[:12]}): {exc}"
@@ -694,8 +853,9 @@ class Agent:
         self.recent.clear()  # cached embeddings belong to the old model
         logger.info("reload (%s): model %s (%s) replaces %s (%s)", why, bundle.name, bundle.manifest_sha256[:12],
                     old.name, old.manifest_sha256[:12])
-        self._event("reloaded", model={"name": bundle.name, "sha256": bundle.manifest_sha256})
+        self._event("reloaded", model=model_info(bundle))
         self.settings_after_switch(old)
+        self._after_reload(old)
         discovery = self._discovery()
         if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
             self.link.publish(discovery)
@@ -703,7 +863,7 @@ class Agent:
 
     def _reload_refused(self, error: str) -> None:
         bundle = self.scorer.bundle if self.scorer else None
-        model = {"name": bundle.name, "sha256": bundle.manifest_sha256} if bundle else None
+        model = model_info(bundle) if bundle else None
         try:
             self._event("reload_refused", error=error, model=model)
         except Exception:  # the event is a report; failing to send it must not fail the reload's answer
@@ -730,8 +890,323 @@ class Agent:
         except Exception as exc:  # a heat map is an extra: it must never stop inspection
             logger.exception("Grad-CAM for frame %s failed", record.frame_id)
             return None, f"Grad-CAM failed: {type(exc).__name__}: {exc}"
-        self.link.publish(gradcam_message(self.topics, jpeg))
+        self.link.publish(gradcam_message(self.topics, jpeg))  # the latest: Home Assistant's image entity
+        self.link.publish(gradcam_message(self.topics, jpeg, record.frame_id))  # under the verdict's id
         return jpeg, ""
+
+    # --- bundles installed over MQTT (cmd/install, cmd/rollback; agent.install) ---
+    #
+    # Chunks are taken on this thread (a few ms each); the last one starts a worker thread that joins, checks,
+    # stages, loads and shadow-scores the bundle with its own interpreter. The worker never touches
+    # self.scorer: it hands a ready Scorer back through self._job_results, and _install_tick switches it in
+    # between two frames, so verdicts keep flowing and none is lost.
+
+    def _start_bundle(self) -> Bundle:
+        """The bundle to start with: the installed one (installed.json) when it still loads and the config's
+        bundle is the one it was installed over, else cfg.bundle (with an install_fallback event). Raises
+        BundleError / ImportError when cfg.bundle does not load either (exit 78)."""
+        cfg = self.cfg
+        state, problem = read_installed(self._bundles)
+        why = problem
+        if state is not None and state.config_bundle not in (None, cfg.bundle):
+            why = (f"the config's bundle changed since the install (was {state.config_bundle}, now {cfg.bundle}): "
+                   "the config wins")
+        elif state is not None:
+            try:
+                bundle = load_agent_bundle(cfg, path=state.current)
+            except (BundleError, ImportError) as exc:
+                why = f"the installed bundle {state.current} no longer loads: {exc}"
+            else:
+                self._installed = state
+                logger.info("installed bundle %s in use (installed.json); previous: %s", state.current, state.previous)
+                return bundle
+        bundle = load_agent_bundle(cfg)
+        if why:
+            logger.error("%s; starting with bundle %s", why, cfg.bundle)
+            self._install_start_events.append(("install_fallback", {
+                "error": why, "bundle": cfg.bundle, "installed": str(state.current) if state else None}))
+            if state is not None:  # the installed one stays reachable with cmd/rollback
+                self._save_installed(Installed(Path(cfg.bundle), state.current, cfg.bundle))
+        return bundle
+
+    def _send_install_start_events(self) -> None:
+        for name, detail in self._install_start_events:
+            self.link.hand_over(event_message(self.topics, name, utc_iso(), **detail))
+        self._install_start_events.clear()
+        with contextlib.suppress(OSError):
+            self._reassembler.clear_leftovers()
+
+    def _save_installed(self, state: Installed) -> str | None:
+        """Write installed.json; None, or why it could not be written (the switch stands, a restart would not
+        find it)."""
+        try:
+            write_installed(self._bundles, state)
+        except OSError as exc:
+            logger.error("cannot write %s/%s (%s); a restart goes back to the config's bundle", self._bundles,
+                         INSTALLED_FILE, exc)
+            return f"{INSTALLED_FILE} not written ({exc}); a restart would go back to {self.cfg.bundle}"
+        self._installed = state
+        return None
+
+    def _install_stats(self) -> dict[str, Any]:
+        t = self._reassembler.current
+        state = self._installed
+        return {"groups": list(self.cfg.fleet.groups), "install": {
+            "transfer": t.describe() if t else None,
+            "job": self._job_kind,
+            "watch": {"frames": self._watch.frames, "seen": self._watch.seen, "anomalies": self._watch.anomalies}
+            if self._watch else None,
+            "previous": str(state.previous) if state and state.previous else None,
+        }}
+
+    def install_chunk(self, pending: Pending) -> str | None:
+        f = self.cfg.fleet
+        if f.install == "off":
+            return ("fleet.install is 'off' on this box: bundles are not installed over MQTT; set fleet.install: "
+                    "signed (or any) in its config")
+        if f.install == "signed" and not self.cfg.bundle_trust.public_keys:
+            return ("fleet.install is 'signed' but bundle_trust.public_keys is empty, so no signature can be checked; "
+                    "add the signing key's .pub to bundle_trust.public_keys (or set fleet.install: any)")
+        body = pending.command.body
+        try:
+            res = self._reassembler.add(body, pending.command.request_id)
+        except InstallError as exc:
+            self._install_refused(str(exc), transfer=body.get("transfer"))
+            return str(exc)
+        except OSError as exc:
+            current = self._reassembler.current
+            if current is not None:
+                self._reassembler.drop(current)
+            text = (f"cannot store the chunk under {self._bundles} ({type(exc).__name__}: {exc}); free disk space in "
+                    "storage.dir and push again")
+            self._install_refused(text, transfer=body.get("transfer"))
+            return text
+        if res.replaced is not None:
+            self._transfer_failed(res.replaced, f"replaced by transfer {body['transfer']} before it was complete")
+        t = res.transfer
+        if t is None:
+            return None  # a late chunk of a transfer that is over: its answer was given
+        if not t.announced:
+            t.announced = True
+            self._event("install_started", transfer=t.transfer, chunks=t.chunks, bytes=t.total, sha256=t.sha256,
+                        force=t.force, shadow=t.shadow, model=model_info(self.scorer.bundle if self.scorer else None))
+        if res.status != "complete":
+            return None
+        if self._job_kind is not None:
+            remove_tree(t.folder)
+            text = f"busy: an {self._job_kind} is running on this box; push again once it has answered"
+            self._install_refused(text, transfer=t.transfer)
+            return text
+        assert self.scorer is not None
+        frames = list(self.kept_frames)[-self.cfg.fleet.shadow_frames:] if self.cfg.fleet.shadow_frames else []
+        pending.held = True
+        self._start_job("install", pending, self._install_job, t, self.scorer.bundle, frames if t.shadow else [])
+        return None
+
+    def rollback_bundle(self, pending: Pending) -> str | None:
+        if self._job_kind is not None:
+            return f"busy: an {self._job_kind} is running on this box; send cmd/rollback again once it has answered"
+        if self._watch_from is not None:  # still watching a new bundle: the old one is at hand, switch now
+            self._roll_back(self._watch_from, "cmd/rollback", pending)
+            return None
+        state = self._installed
+        if state is None or state.previous is None:
+            return "no previous bundle to go back to: nothing was installed on this box (cmd/install)"
+        if not state.previous.is_dir():
+            return f"the previous bundle {state.previous} is gone from the disk; install the bundle wanted instead"
+        pending.held = True
+        self._start_job("rollback", pending, self._rollback_job, state.previous)
+        return None
+
+    def _start_job(self, kind: str, pending: Pending, target: Any, *args: Any) -> None:
+        self._job_kind = kind
+        worker = threading.Thread(target=self._run_job, args=(kind, pending, target, args), name=f"yugami-{kind}",
+                                  daemon=True)
+        worker.start()
+
+    def _run_job(self, kind: str, pending: Pending, target: Any, args: tuple[Any, ...]) -> None:
+        """Worker thread: whatever happens, one outcome goes back to the frame loop."""
+        try:
+            outcome = target(*args)
+        except Exception as exc:  # an install must never take the service down
+            logger.exception("%s failed unexpectedly", kind)
+            outcome = JobOutcome(kind, ok=False, error=f"{kind} failed: {type(exc).__name__}: {exc}")
+        outcome.pending = pending
+        self._job_results.put(outcome)
+        self._wake.set()
+
+    def _install_job(self, t: Transfer, current: Bundle, frames: list[KeptFrame]) -> JobOutcome:
+        """Worker thread: join, check, stage, load, verify, shadow-score, gate."""
+        times: dict[str, float] = {"receive_s": round(time.monotonic() - t.started, 3)}
+        t0 = time.monotonic()
+        staged: Path | None = None
+        shadow: Shadow | None = None
+        try:
+            staged = stage(t, self._bundles, self.cfg.fleet.max_bundle_bytes)
+            times["stage_s"] = round(time.monotonic() - t0, 3)
+            t1 = time.monotonic()
+            bundle = load_agent_bundle(self.cfg, path=staged, current=current, force=t.force)
+            if self.cfg.fleet.install == "signed" and bundle.signer is None:
+                raise InstallError(f"bundle {bundle.name} {bundle.version} carries no verified signature and "
+                                   "fleet.install is 'signed'; sign it with yugami-keys sign BUNDLE --key KEY")
+            scorer = self.make_scorer(bundle)
+            times["verify_s"] = round(time.monotonic() - t1, 3)
+            self._event("install_verified", transfer=t.transfer, model=model_info(bundle), folder=staged.name)
+            t2 = time.monotonic()
+            shadow = shadow_score(lambda image: scorer.score(image)[0].verdict, frames)
+            times["shadow_s"] = round(time.monotonic() - t2, 3)
+            self._event("install_shadow", transfer=t.transfer, model=model_info(bundle), shadow=shadow.as_dict(),
+                        max_anomaly_share=self.cfg.fleet.max_anomaly_share)
+            problem = gate_problem(shadow, self.cfg.fleet.max_anomaly_share)
+            if problem:
+                raise InstallError(problem)
+        except (InstallError, BundleError, ImportError, OSError) as exc:
+            if staged is not None and not self._protected(staged):
+                remove_tree(staged)
+            return JobOutcome("install", ok=False, error=str(exc), transfer=t, shadow=shadow, times=times)
+        times["total_s"] = round(time.monotonic() - t.started, 3)
+        return JobOutcome("install", ok=True, scorer=scorer, path=staged, transfer=t, shadow=shadow, times=times)
+
+    def _rollback_job(self, previous: Path) -> JobOutcome:
+        """Worker thread: load the previous bundle (an older version by nature: forced; trust still applies)."""
+        try:
+            bundle = load_agent_bundle(self.cfg, path=previous, force=True)
+            scorer = self.make_scorer(bundle)
+        except (BundleError, ImportError) as exc:
+            return JobOutcome("rollback", ok=False, error=f"the previous bundle {previous} does not load: {exc}")
+        return JobOutcome("rollback", ok=True, scorer=scorer, path=previous)
+
+    def _protected(self, path: Path) -> bool:
+        keep = {self.scorer.bundle.path if self.scorer else None}
+        if self._installed is not None:
+            keep |= {self._installed.current, self._installed.previous}
+        return any(p is not None and Path(p).resolve() == path.resolve() for p in keep)
+
+    def _install_tick(self) -> None:
+        """Each loop turn: apply a finished job, drop a stalled transfer."""
+        while True:
+            try:
+                outcome = self._job_results.get_nowait()
+            except queue.Empty:
+                break
+            self._job_kind = None
+            if outcome.kind == "install":
+                self._install_done(outcome)
+            elif outcome.ok:
+                assert outcome.scorer is not None
+                self._roll_back(outcome.scorer, "cmd/rollback", outcome.pending)
+            else:
+                self._event("rollback_refused", error=outcome.error,
+                            model=model_info(self.scorer.bundle if self.scorer else None))
+                self._answer(outcome.pending, ok=False, error=outcome.error)
+        stalled = self._reassembler.expire()
+        if stalled is not None:
+            self._transfer_failed(stalled, f"transfer stalled: {len(stalled.received)} of {stalled.chunks} chunks "
+                                           f"came, none for {self._reassembler.stall_s:g} s; push again")
+
+    def _answer(self, pending: Pending | None, ok: bool, error: str | None = None, **data: Any) -> None:
+        if pending is not None:
+            self.handlers.reply(pending, ok=ok, error=error, **data)
+
+    def _transfer_failed(self, t: Transfer, error: str) -> None:
+        """A transfer that ended without its last chunk: its sender hears why (no reply slot was held)."""
+        self._install_refused(error, transfer=t.transfer)
+        self.command_reply("install", t.request_id, False, error, {"transfer": t.transfer})
+
+    def _install_refused(self, error: str, transfer: Any = None, shadow: Shadow | None = None) -> None:
+        logger.error("install refused: %s", error)
+        self._event("install_refused", transfer=transfer, error=error,
+                    shadow=shadow.as_dict() if shadow else None,
+                    model=model_info(self.scorer.bundle if self.scorer else None))
+
+    def _install_done(self, outcome: JobOutcome) -> None:
+        """Frame loop: switch to an installed bundle (or report why not) and answer the last chunk."""
+        assert self.scorer is not None
+        t = outcome.transfer
+        shadow = outcome.shadow.as_dict() if outcome.shadow else None
+        tid = t.transfer if t else None
+        if not outcome.ok:
+            self._install_refused(outcome.error or "refused", transfer=tid, shadow=outcome.shadow)
+            self._answer(outcome.pending, ok=False, error=outcome.error, transfer=tid,
+                         model=model_info(self.scorer.bundle), shadow=shadow, times=outcome.times)
+            return
+        assert outcome.scorer is not None and outcome.path is not None
+        old_scorer = self.scorer
+        old = old_scorer.bundle
+        self._switch_scorer(outcome.scorer, "install")
+        new = outcome.scorer.bundle
+        problem = self._save_installed(Installed(outcome.path, old.path, self.cfg.bundle))
+        watch = self.cfg.fleet.watch_frames
+        self._end_watch()
+        if watch:
+            self._watch, self._watch_from = Watch(watch, self.cfg.fleet.max_anomaly_share), old_scorer
+        removed = prune(self._bundles, self.cfg.fleet.keep_bundles, [outcome.path, old.path])
+        for path in removed:
+            logger.info("removed the old installed bundle %s (fleet.keep_bundles)", path)
+        del old_scorer
+        if not watch:
+            release_free_memory()
+        logger.info("installed %s %s (%s), replacing %s %s", new.name, new.version, new.manifest_sha256[:12], old.name,
+                    old.version)
+        detail = {"transfer": tid, "model": model_info(new), "previous": model_info(old), "shadow": shadow,
+                  "watch_frames": watch, "times": outcome.times}
+        if problem:
+            detail["warning"] = problem
+        self._event("installed", **detail)
+        self._answer(outcome.pending, ok=True, **detail)
+
+    def _switch_scorer(self, scorer: Scorer, why: str) -> None:
+        """Frame loop, between two frames: the one place an installed or rolled-back bundle goes in."""
+        assert self.scorer is not None
+        old = self.scorer.bundle
+        self.scorer = scorer
+        self.recent.clear()  # cached embeddings belong to the old model
+        self.settings_after_switch(old)
+        discovery = self._discovery()
+        if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
+            self.link.publish(discovery)
+        self.notifier.status(self._status_line())
+
+    def _roll_back(self, scorer: Scorer, reason: str, pending: Pending | None) -> None:
+        """Frame loop: back to ``scorer``'s bundle (the previous one); it becomes current, the one left previous."""
+        assert self.scorer is not None
+        old = self.scorer.bundle
+        self._end_watch()
+        self._switch_scorer(scorer, "rollback")
+        new = scorer.bundle
+        problem = self._save_installed(Installed(new.path, old.path, self.cfg.bundle))
+        release_free_memory()
+        logger.warning("rolled back from %s %s to %s %s: %s", old.name, old.version, new.name, new.version, reason)
+        detail = {"reason": reason, "model": model_info(new), "from": model_info(old)}
+        if problem:
+            detail["warning"] = problem
+        self._event("rolled_back", **detail)
+        self._answer(pending, ok=True, **detail)
+
+    def _after_reload(self, old: Bundle) -> None:
+        """cmd/reload or SIGHUP loaded cfg.bundle over an installed one: that is the operator's choice, so it
+        becomes current (the one left stays for cmd/rollback) and a watch in progress ends."""
+        self._end_watch()
+        if self._installed is not None and self.scorer is not None:
+            self._save_installed(Installed(self.scorer.bundle.path, old.path, self.cfg.bundle))
+
+    def _end_watch(self) -> None:
+        self._watch = None
+        self._watch_from = None
+
+    def _watch_frame(self, anomaly: bool) -> None:
+        """After each verdict: the first fleet.watch_frames after a switch decide whether it stays."""
+        if self._watch is None:
+            return
+        verdict = self._watch.add(anomaly)
+        if verdict == "failed" and self._watch_from is not None:
+            self._roll_back(self._watch_from, self._watch.reason(), None)
+        elif verdict == "passed":
+            logger.info("the new bundle passed its watch (%d of %d frames anomalous)", self._watch.anomalies,
+                        self._watch.seen)
+            self._end_watch()
+            release_free_memory()  # the previous bundle's interpreter is no longer kept at hand
+
 
     # --- stop ---
 
@@ -786,7 +1261,7 @@ def check_config(cfg: AgentConfig) -> int:
     summary = {
         "config": cfg.config_path,
         "device_id": cfg.device_id,
-        "model": {"name": bundle.name, "sha256": bundle.manifest_sha256},
+        "model": model_info(bundle),
         "source": {"kind": cfg.source_kind, "mode": cfg.capture.mode},
         "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}" + (" (TLS)" if cfg.mqtt.tls.enabled else ""),
         "topics": Topics.from_config(cfg).base,
