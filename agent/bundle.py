@@ -110,6 +110,9 @@ class Bundle:
     fusion: Fusion | None = None
     map_floor: float = 0.0  # patch distance shown as the coldest colour of the anomaly map
     map_top: float = 1.0  # patch distance shown as the hottest
+    # {"key_id", "name", "signed_at"} of a verified signature (agent.trust), set by
+    # agent.service.load_agent_bundle; None: unsigned, or not checked (no bundle_trust keys)
+    signer: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -521,7 +524,7 @@ def _read_verified(root: Path, files: dict[str, str]) -> dict[str, bytes]:
             raise _fail(
                 fpath,
                 f"sha256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...): the file was changed "
-                "or damaged after export; copy the bundle again or re-export it",
+                "or damaged after export (or after signing); copy the bundle again or re-export it",
             )
         contents[name] = data
     return contents

@@ -48,6 +48,8 @@ Start here:
   yugami-train ../shared/data/mvtec_screw --out runs/screw \\
       --weights ../shared/weights/mobilenet_v2_1.0_224_no_top.h5
   yugami-eval runs/screw ../shared/data/mvtec_screw --json runs/screw_eval.json --plots runs/screw_plots
+  # a release for boxes that check signatures (docs/FLEET.md): a higher version, signed
+  yugami-train ... --model-version 2 --sign-key ~/yugami-keys/release-2026.key
 
 What the default gives (int8 through the agent's scorer, median of 3 seeds, docs/TRAINING.md):
 image AUROC screw 0.976, magnetic tile 0.956; GeM alone 0.93 / 0.95, patches alone 0.93 / 0.90.
@@ -212,7 +214,12 @@ def build_train_parser() -> argparse.ArgumentParser:
     )
     misc = p.add_argument_group("output")
     misc.add_argument("--name", default="yugami-mobilenetv2", help="model name in the manifest")
-    misc.add_argument("--version", default="1", help="model version in the manifest")
+    misc.add_argument("--model-version", "--version", dest="version", default="1", metavar="V",
+                      help="model version in the manifest (default 1); boxes refuse a bundle older than the one "
+                      "they run unless forced, so raise it with every release (1, 2, ... or 1.10 > 1.9)")
+    misc.add_argument("--sign-key", type=Path, default=None, metavar="KEY",
+                      help="sign the bundle after export with this private key (NAME.key from yugami-keys "
+                      "generate); boxes with bundle_trust keys accept only signed bundles")
     misc.add_argument(
         "--save-float",
         type=Path,
@@ -290,6 +297,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = _train_config(args)
+        _check_sign_key(args.sign_key)  # before minutes of training, not after
         from trainer.train import train
 
         out = train(cfg, save_float=args.save_float)
@@ -299,8 +307,29 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except ExportError as exc:
         print(f"yugami-train: export refused: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps({"bundle": str(out)}))
+    result: dict[str, object] = {"bundle": str(out)}
+    if args.sign_key is not None:
+        from fleet.keys import KeysError, sign_bundle
+
+        try:
+            result["signed"] = sign_bundle(out, args.sign_key)["key_id"]
+        except KeysError as exc:
+            print(f"yugami-train: the bundle {out} was written but not signed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(json.dumps(result))
     return 0
+
+
+def _check_sign_key(path: Path | None) -> None:
+    """A --sign-key that cannot sign is a ValueError now (fleet.keys needs no TensorFlow)."""
+    if path is None:
+        return
+    from fleet.keys import KeysError, load_private_key
+
+    try:
+        load_private_key(path)
+    except KeysError as exc:
+        raise ValueError(f"--sign-key: {exc}") from exc
 
 
 def build_eval_parser() -> argparse.ArgumentParser:

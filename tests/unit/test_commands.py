@@ -56,7 +56,7 @@ class Port:
     def trigger_frame(self) -> tuple[dict[str, Any] | None, str | None, str | None]:
         return None, "capture.mode is 'continuous'", None
 
-    def reload_bundle(self, why: str) -> tuple[bool, str, dict[str, Any] | None]:
+    def reload_bundle(self, why: str, force: bool = False) -> tuple[bool, str, dict[str, Any] | None]:
         self.reloads += 1
         if self.clock is not None:
             self.clock.now += self.reload_s

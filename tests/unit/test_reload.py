@@ -48,7 +48,7 @@ def make_agent(tmp_path: Path) -> tuple[service.Agent, FakeNotifier, FakeLink]:
     notifier, link = FakeNotifier(), FakeLink()
     agent = service.Agent(cfg, notifier=notifier)  # type: ignore[arg-type]
     agent.link = link  # type: ignore[assignment]
-    old = SimpleNamespace(name="old-model", manifest_sha256="ab" * 32)
+    old = SimpleNamespace(name="old-model", manifest_sha256="ab" * 32, version="1", signer=None)
     agent.scorer = SimpleNamespace(bundle=old)  # type: ignore[assignment]
     return agent, notifier, link
 
@@ -64,13 +64,13 @@ def test_a_failed_reload_keeps_the_bundle_and_sends_ready(tmp_path: Path, monkey
     agent, notifier, link = make_agent(tmp_path)
     before = agent.scorer
 
-    def refuse(cfg: Any) -> Any:
+    def refuse(cfg: Any, **_: Any) -> Any:
         raise error
 
     monkeypatch.setattr(service, "load_agent_bundle", refuse)
     ok, text, model = agent.reload_bundle("cmd/reload")
     assert ok is False and str(error) in text
-    assert model == {"name": "old-model", "sha256": "ab" * 32}
+    assert model == {"name": "old-model", "version": "1", "sha256": "ab" * 32, "signer": None}
     assert agent.scorer is before
     assert notifier.lines == ["RELOADING=1", "READY=1"]
     refused = [e for e in events(link) if e["event"] == "reload_refused"]
@@ -79,7 +79,7 @@ def test_a_failed_reload_keeps_the_bundle_and_sends_ready(tmp_path: Path, monkey
 
 def test_an_exception_while_reporting_still_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     agent, notifier, link = make_agent(tmp_path)
-    monkeypatch.setattr(service, "load_agent_bundle", lambda cfg: (_ for _ in ()).throw(BundleError("bad")))
+    monkeypatch.setattr(service, "load_agent_bundle", lambda cfg, **_: (_ for _ in ()).throw(BundleError("bad")))
 
     def broken(msg: Message) -> int:
         raise ValueError("the link is broken")

@@ -99,10 +99,10 @@ def test_a_reload_releases_free_memory_only_when_it_swapped(tmp_path: Path, monk
     agent.source = SimpleNamespace(status=SimpleNamespace(state="up"))  # type: ignore[assignment]
     trims: list[int] = []
     monkeypatch.setattr(service, "release_free_memory", lambda: trims.append(1) or True)
-    monkeypatch.setattr(service.Agent, "_swap_bundle", lambda self, why: (False, "refused"))
+    monkeypatch.setattr(service.Agent, "_swap_bundle", lambda self, why, **_: (False, "refused"))
     assert agent.reload_bundle("cmd/reload")[0] is False
     assert trims == []
-    monkeypatch.setattr(service.Agent, "_swap_bundle", lambda self, why: (True, "reloaded"))
+    monkeypatch.setattr(service.Agent, "_swap_bundle", lambda self, why, **_: (True, "reloaded"))
     assert agent.reload_bundle("cmd/reload")[0] is True
     assert trims == [1]
 
