@@ -91,7 +91,7 @@ def drain_all(runner: CommandRunner) -> None:
 
 
 def test_one_table_feeds_parsing_and_running() -> None:
-    assert COMMANDS == tuple(TABLE) and COMMANDS[:3] == ("trigger", "gradcam", "reload")
+    assert tuple(TABLE) == COMMANDS and COMMANDS[:3] == ("trigger", "gradcam", "reload")
     assert {"set", "get"} <= set(COMMANDS)  # other commands are added by other features
     topics = Topics("yugami", "cam1")
     assert parse_command(topics, topics.cmd("reload"), b'{"id": 3}', 100) == Command("reload", {"id": 3})
