@@ -779,6 +779,8 @@ class Agent:
         (reload, install, rollback): says whether the stored threshold still applies."""
         assert self.scorer is not None
         new = self.scorer.bundle
+        # a scorer kept from before (rollback) may carry an override the settings have changed since
+        self.scorer.threshold_override = self.settings.threshold_for(new.manifest_sha256)
         if self._threshold_dropped(new):
             return
         if self.settings.threshold is not None and old.manifest_sha256 != new.manifest_sha256:

@@ -63,6 +63,11 @@ class Evidence:
     def __len__(self) -> int:
         return len(self._index)
 
+    def entries(self) -> list[tuple[float, Path]]:
+        """(time saved, path without suffix) of every kept frame, oldest first; from memory, no disk access
+        (what cmd/collect_list and cmd/fetch look frames up in)."""
+        return [(t, base) for t, base, _ in self._index]
+
     def wants(self, verdict: str) -> bool:
         """Whether a frame with this verdict is to be kept (counts ok frames for the 1-in-N sample)."""
         if verdict == "anomaly":
