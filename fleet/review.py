@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.mqtt import topic_level
+
 logger = logging.getLogger(__name__)
 
 LABELS = {"good": "false alarm", "defect": "real defect"}  # cmd/feedback label -> what the operator clicked
@@ -152,8 +154,11 @@ class ReviewStore:
         self.bins = bins
         self.max_boxes = max_boxes
         self.clock = clock
-        self.connected = False
+        self.connected = False  # subscribed on the broker (set by the MQTT side)
+        self.connects = 0  # successful (re)connections, subscriptions included
         self._cards: OrderedDict[tuple[str, str], Card] = OrderedDict()
+        # A heat map's topic carries the frame id as one topic level (wildcards and '/' replaced).
+        self._by_level: dict[tuple[str, str], str] = {}
         self._boxes: dict[str, Box] = {}
         self._orphans: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._requests: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # request id -> device, frame, cmd
@@ -226,9 +231,12 @@ class ReviewStore:
     def _add_card(self, box: Box, frame_id: str, verdict: dict[str, Any], now: float) -> list[Ask]:
         card = Card(box.device, frame_id, verdict, now)
         self._cards[(box.device, frame_id)] = card
+        level = topic_level(frame_id)
+        self._by_level[(box.device, level)] = frame_id
         while len(self._cards) > self.max_anomalies:
-            self._cards.popitem(last=False)
-        jpeg = self._orphans.pop((box.device, frame_id), None)
+            (device, old), _ = self._cards.popitem(last=False)
+            self._by_level.pop((device, topic_level(old)), None)
+        jpeg = self._orphans.pop((box.device, level), None)
         if jpeg is not None:
             card.heatmap, card.heatmap_status = jpeg, "ready"
             return []
@@ -243,17 +251,19 @@ class ReviewStore:
         card.heatmap_status = "requested"
         return [Ask(box.device, "gradcam", {"id": rid, "frame_id": frame_id})]
 
-    def on_heatmap(self, device: str, frame_id: str, jpeg: bytes) -> None:
+    def on_heatmap(self, device: str, level: str, jpeg: bytes) -> None:
+        """A heat map from ``<base>/gradcam/<level>``, ``level`` being the verdict id as a topic level."""
         if len(jpeg) > MAX_HEATMAP_BYTES or not jpeg.startswith(b"\xff\xd8"):
             logger.warning("ignoring a heat map for %s/%s that is not a JPEG under %d bytes",
-                           device, frame_id, MAX_HEATMAP_BYTES)
+                           device, level, MAX_HEATMAP_BYTES)
             return
         with self._lock:
-            card = self._cards.get((device, frame_id))
+            frame_id = self._by_level.get((device, level))
+            card = self._cards.get((device, frame_id)) if frame_id is not None else None
             if card is not None:
                 card.heatmap, card.heatmap_status = jpeg, "ready"
                 return
-            self._orphans[(device, frame_id)] = jpeg
+            self._orphans[(device, level)] = jpeg
             while len(self._orphans) > MAX_ORPHAN_HEATMAPS:
                 self._orphans.popitem(last=False)
 
@@ -330,6 +340,7 @@ class ReviewStore:
             return {
                 "now": iso(now),
                 "connected": self.connected,
+                "connects": self.connects,
                 "boxes": [b.as_json(now, self.bin_s, self.bins) for _, b in sorted(self._boxes.items())],
                 "anomalies": [c.as_json(heatmap_url) for c in reversed(self._cards.values())],
             }

@@ -83,7 +83,7 @@ def create_app(store: ReviewStore, sender: Sender, static: Path = STATIC) -> Fla
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    @app.get("/heatmap/<device>/<frame_id>.jpg")
+    @app.get("/heatmap/<device>/<path:frame_id>.jpg")  # a frame id may hold "/" (quoted)
     def heatmap(device: str, frame_id: str) -> Response:
         jpeg = store.heatmap(device, frame_id)
         if jpeg is None:
@@ -105,9 +105,14 @@ def _error(message: str, status: int) -> tuple[Response, int]:
 
 def _same_origin() -> bool:
     """A browser names the page that sent a POST; refuse one from another site (a form or script elsewhere
-    must not label frames through an operator's browser)."""
+    must not label frames through an operator's browser). Behind a reverse proxy that rewrites Host, the
+    proxy's X-Forwarded-Host names the page (a browser cannot add that header to a cross-site request
+    without a preflight this server never grants)."""
     origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
+    if origin is None:
+        return True
+    hosts = {request.host, *(h.strip() for h in request.headers.get("X-Forwarded-Host", "").split(",") if h.strip())}
+    return urlsplit(origin).netloc in hosts
 
 
 def _feedback(store: ReviewStore, sender: Sender) -> tuple[Response, int]:
@@ -152,17 +157,28 @@ class BrokerLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.reconnect_delay_set(1, 30)
-        fleet_mqtt.subscribe(client, self.filters)
-        store.connected = True
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        fleet_mqtt.subscribe(self.client, self.filters)
+        self.store.connected = True  # only once subscribed: "connected" means messages arrive
+        self.store.connects += 1
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._first_connect(client, userdata, flags, reason_code, properties)
         if reason_code.is_failure:
             logger.error("the broker refused the reconnection: %s", reason_code)
             return
-        # A clean session forgets subscriptions: take them again after every reconnect.
-        client.subscribe([(f, 1) for f in self.filters])
-        self.store.connected = True
+        # A clean session forgets subscriptions: take them again after every reconnect, waiting for the
+        # SUBACK in a thread of its own (this is the network thread, which has to read it).
+        threading.Thread(target=self._resubscribe, name="review-resubscribe", daemon=True).start()
+
+    def _resubscribe(self) -> None:
+        try:
+            self._subscribe()
+        except fleet_mqtt.BrokerError as exc:
+            logger.error("after reconnecting: %s", exc)
+            return
         logger.warning("connected to the broker again")
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:

@@ -14,8 +14,9 @@ function el(tag, className, text) {
   return node;
 }
 
-function fmt(x, digits = 4) {
-  return typeof x === "number" ? x.toFixed(digits) : "–";
+function fmt(x) {
+  // three significant digits: scores and thresholds range from 1e-6 (patch distances) to about 2 (cosine)
+  return typeof x === "number" ? String(Number(x.toPrecision(3))) : "–";
 }
 
 function localTime(iso) {
@@ -68,7 +69,10 @@ function drawBoxes(boxes) {
       [model, b.threshold !== null ? `threshold ${fmt(b.threshold)}` : "", b.fps !== null ? `${b.fps} fps` : "",
        b.frames !== undefined && b.frames !== null ? `${b.anomalies}/${b.frames} anomalous` : ""]
         .filter(Boolean).join(" · "));
-    li.append(head, facts, rateChart(b.rate));
+    const span = el("div", "span");
+    const minutes = Math.round((b.rate.bins.length * b.rate.bin_s) / 60);
+    span.append(el("span", null, `${minutes} min ago`), el("span", null, "now"));
+    li.append(head, facts, rateChart(b.rate), span);
     list.appendChild(li);
   }
 }
@@ -147,9 +151,10 @@ function drawNotes(card, a) {
   for (const e of a.events) {
     const li = el("li", "event");
     li.dataset.event = e.event;
+    // the scalar details only (the model's sha256 and nested objects stay in the JSON endpoint)
     const detail = Object.entries(e)
-      .filter(([k]) => !["event", "ts", "frame_id"].includes(k))
-      .map(([k, v]) => `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+      .filter(([k, v]) => !["event", "ts", "frame_id"].includes(k) && v !== "" && v !== null && typeof v !== "object")
+      .map(([k, v]) => `${k} ${typeof v === "number" ? fmt(v) : v}`).join(", ");
     li.textContent = `event ${e.event}${detail ? ": " + detail : ""}`;
     items.push(li);
   }

@@ -94,6 +94,13 @@ def test_a_heat_map_that_overtakes_its_verdict_is_kept_for_it(store: ReviewStore
     assert store.state(heatmap_url)["anomalies"][0]["heatmap_status"] == "ready"
 
 
+def test_a_frame_id_with_topic_wildcards_finds_its_heat_map(store: ReviewStore) -> None:
+    msg(store, "cam1/verdict", verdict("a/b+c#d"))
+    msg(store, "cam1/gradcam/a_b_c_d", JPEG)  # agent.mqtt.topic_level of the id
+    card = store.state(heatmap_url)["anomalies"][0]
+    assert card["heatmap"] == "/heatmap/cam1/a%2Fb%2Bc%23d.jpg" and store.heatmap("cam1", "a/b+c#d") == JPEG
+
+
 def test_heat_maps_that_are_not_jpegs_are_ignored(store: ReviewStore) -> None:
     msg(store, "cam1/verdict", verdict("f-1"))
     msg(store, "cam1/gradcam/f-1", b"<html>")
@@ -187,6 +194,10 @@ def test_state_endpoint_and_heat_maps_from_memory(store: ReviewStore, client_and
     url = client.get("/api/state").get_json()["anomalies"][0]["heatmap"]
     got = client.get(url)
     assert got.status_code == 200 and got.mimetype == "image/jpeg" and got.data == JPEG
+    msg(store, "cam1/verdict", verdict("a/b.jpg+c"))
+    msg(store, "cam1/gradcam/a_b.jpg_c", JPEG)
+    url = client.get("/api/state").get_json()["anomalies"][0]["heatmap"]
+    assert client.get(url).data == JPEG
 
 
 def test_false_alarm_sends_feedback_good_and_the_answer_and_event_land_on_the_card(
@@ -247,6 +258,9 @@ def test_feedback_must_be_json_from_the_page_itself(store: ReviewStore, client_a
     same = client.post("/api/feedback", json={"device": "cam1", "frame_id": "f-1", "label": "good"},
                        headers={"Origin": "http://localhost"})
     assert same.status_code == 202 and len(sent.asks) == 1
+    proxied = client.post("/api/feedback", json={"device": "cam1", "frame_id": "f-1", "label": "good"},
+                          headers={"Origin": "https://review.site", "X-Forwarded-Host": "review.site"})
+    assert proxied.status_code == 202 and len(sent.asks) == 2
 
 
 def test_feedback_while_the_broker_is_away_says_so_on_the_card(store: ReviewStore) -> None:
