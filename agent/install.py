@@ -243,6 +243,17 @@ class Reassembler:
             raise InstallError(f"transfer {t.transfer}: {t.received_bytes} bytes arrived, {t.total} were announced; "
                                "push the bundle again")
 
+    def is_over(self, transfer: str) -> bool:
+        """A transfer that was finished, refused or replaced: its late chunks get no answer."""
+        return transfer in self._over
+
+    def refuse(self, transfer: str) -> None:
+        """Mark a transfer refused before any of it was kept (its other chunks are then ignored)."""
+        if self.current is not None and self.current.transfer == transfer:
+            self.drop(self.current)
+        elif transfer not in self._over:
+            self._over.append(transfer)
+
     def drop(self, t: Transfer) -> None:
         """Forget a transfer and remove its parts; later chunks of it are ignored."""
         if self.current is t:

@@ -39,7 +39,7 @@ import numpy as np
 from agent import __version__
 from agent.bundle import MANIFEST, MAX_MANIFEST_BYTES, Bundle, BundleError, load_bundle, sha256_bytes
 from agent.capture import Frame, ManagedSource, SourceStatus, make_source, new_run_id
-from agent.collect import Collector, StoredFrame, evidence_frames, labelled_frames
+from agent.collect import Collector
 from agent.commands import CommandHandlers, CommandQueue, CommandRunner, Pending, ReplyLimiter, busy_error
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config, warnings_for
 from agent.feedback import FeedbackError, FeedbackLoop, FrameRef
@@ -340,7 +340,7 @@ class Agent:
                                "give storage.dir a writable folder with free space, or move a damaged "
                                "outbox.sqlite3 aside (its undelivered verdicts are in it)"], source) from exc
         self.evidence = Evidence(storage, cfg.storage)
-        self.feedback_loop = FeedbackLoop(storage, cfg.feedback, cfg.device_id, self._event)
+        self.feedback_loop = FeedbackLoop(storage, cfg.feedback, cfg.device_id, self._kept_event)
 
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
@@ -393,6 +393,11 @@ class Agent:
 
     def _event(self, event: str, **detail: Any) -> None:
         self.link.publish(event_message(self.topics, event, utc_iso(), **detail))
+
+    def _kept_event(self, event: str, **detail: Any) -> None:
+        """An event handed to the MQTT client even while the broker is away (it keeps QoS 1 messages and sends
+        them on reconnect): the feedback loop's changes, also those at start before the broker is up."""
+        self.link.hand_over(event_message(self.topics, event, utc_iso(), **detail))
 
     def _source_changed(self, status: SourceStatus) -> None:
         if status.state == "down":
@@ -713,14 +718,9 @@ class Agent:
         return self._collect().fetch(body)
 
     def _collect(self) -> Collector:
-        if self._collector is None:
-            self._collector = Collector(self._stored_frames)
+        if self._collector is None:  # both stores are read from memory, per request
+            self._collector = Collector(lambda: self.feedback_loop.store.entries(), self.evidence.entries)
         return self._collector
-
-    def _stored_frames(self) -> list[StoredFrame]:
-        """Labelled frames (the feedback store), then evidence frames without a label; from memory."""
-        labelled = labelled_frames(self.feedback_loop.store.entries())
-        return labelled + evidence_frames(self.evidence.entries(), {f.frame_id for f in labelled})
 
     # --- settings at run time (cmd/set, cmd/get; agent.settings) ---
 
@@ -951,17 +951,18 @@ class Agent:
         return None
 
     def _install_stats(self) -> dict[str, Any]:
-        t = self._reassembler.current
+        t = self._reassembler.current  # read once each: the loop may replace them meanwhile (stats thread)
         state = self._installed
+        w = self._watch
         return {"groups": list(self.cfg.fleet.groups), "install": {
             "transfer": t.describe() if t else None,
             "job": self._job_kind,
-            "watch": {"frames": self._watch.frames, "seen": self._watch.seen, "anomalies": self._watch.anomalies}
-            if self._watch else None,
+            "watch": {"frames": w.frames, "seen": w.seen, "anomalies": w.anomalies} if w else None,
             "previous": str(state.previous) if state and state.previous else None,
         }}
 
-    def install_chunk(self, pending: Pending) -> str | None:
+    def _install_refusal(self) -> str | None:
+        """Why this box takes no install at all (its config), or None."""
         f = self.cfg.fleet
         if f.install == "off":
             return ("fleet.install is 'off' on this box: bundles are not installed over MQTT; set fleet.install: "
@@ -969,7 +970,17 @@ class Agent:
         if f.install == "signed" and not self.cfg.bundle_trust.public_keys:
             return ("fleet.install is 'signed' but bundle_trust.public_keys is empty, so no signature can be checked; "
                     "add the signing key's .pub to bundle_trust.public_keys (or set fleet.install: any)")
+        return None
+
+    def install_chunk(self, pending: Pending) -> str | None:
         body = pending.command.body
+        if self._reassembler.is_over(body["transfer"]):
+            return None  # a late chunk of a transfer that is over: its answer was given
+        refusal = self._install_refusal()
+        if refusal:
+            self._reassembler.refuse(body["transfer"])  # one answer per transfer, not one per chunk
+            self._install_refused(refusal, transfer=body["transfer"])
+            return refusal
         try:
             res = self._reassembler.add(body, pending.command.request_id)
         except InstallError as exc:
@@ -1051,6 +1062,10 @@ class Agent:
             if self.cfg.fleet.install == "signed" and bundle.signer is None:
                 raise InstallError(f"bundle {bundle.name} {bundle.version} carries no verified signature and "
                                    "fleet.install is 'signed'; sign it with yugami-keys sign BUNDLE --key KEY")
+            if bundle.manifest_sha256 == current.manifest_sha256:  # pushed to a box that runs it: nothing to do
+                if not self._protected(staged):
+                    remove_tree(staged)
+                return JobOutcome("install", ok=True, transfer=t, times=times)
             scorer = self.make_scorer(bundle)
             times["verify_s"] = round(time.monotonic() - t1, 3)
             self._event("install_verified", transfer=t.transfer, model=model_info(bundle), folder=staged.name)
@@ -1132,7 +1147,12 @@ class Agent:
             self._answer(outcome.pending, ok=False, error=outcome.error, transfer=tid,
                          model=model_info(self.scorer.bundle), shadow=shadow, times=outcome.times)
             return
-        assert outcome.scorer is not None and outcome.path is not None
+        if outcome.scorer is None:  # the very bundle in use
+            self._event("installed", transfer=tid, model=model_info(self.scorer.bundle), unchanged=True)
+            self._answer(outcome.pending, ok=True, model=model_info(self.scorer.bundle), unchanged=True,
+                         transfer=tid, times=outcome.times)
+            return
+        assert outcome.path is not None
         old_scorer = self.scorer
         old = old_scorer.bundle
         self._switch_scorer(outcome.scorer, "install")

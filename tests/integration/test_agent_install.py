@@ -197,3 +197,40 @@ def test_the_health_gate_refuses_or_rolls_back_a_bad_bundle_and_an_unsigned_one_
     assert_contiguous(rec)
     assert not [p for p in (tmp / "state" / "bundles").iterdir() if p.name.startswith("yugami-demo-parts-4")]
     assert agent.terminate() == 0, agent.logs()
+
+
+def test_a_group_push_reaches_every_member_once_each(tmp_path: Path, mosquitto: Any, agents: Any, capsys: Any) -> None:
+    """cam-off refuses (fleet.install: off) with one answer for the whole transfer, not one per chunk; cam-any
+    (install: any, no keys) already runs this very bundle: ok, unchanged, no switch."""
+    bundle = demo_copy(tmp_path / "v1", "1", None)
+    rec = Recorder(mosquitto.port, ["yugami/+/cmd/install/result", "yugami/+/verdict"])
+    writers = []
+    for device, install in (("cam-off", "off"), ("cam-any", "any")):
+        folder = tmp_path / f"in-{device}"
+        folder.mkdir()
+        writers.append(DemoFrames(folder))
+        cfg = base_config(tmp_path, bundle, mosquitto.port, str(folder), device=device,
+                          storage={"dir": str(tmp_path / f"state-{device}")},
+                          fleet={"groups": ["line-2"], "install": install, "shadow_frames": 4})
+        agents(cfg, name=device)
+    for w in writers:
+        w.start()
+    try:
+        for device in ("cam-off", "cam-any"):
+            wait_until(lambda d=device: len(rec.on(f"yugami/{d}/verdict")) >= 5, 120, f"verdicts of {device}")
+        rc, report = fleet(capsys, "push", str(bundle), "--group", "line-2", "--broker", f"127.0.0.1:{mosquitto.port}",
+                           "--json", "--timeout", "60")
+        assert rc == 1, report
+        boxes = {b["device"]: b for b in report["boxes"]}
+        assert set(boxes) == {"cam-off", "cam-any"}, report
+        assert not boxes["cam-off"]["ok"] and "fleet.install is 'off'" in boxes["cam-off"]["error"]
+        assert boxes["cam-any"]["ok"] and boxes["cam-any"]["after"] == "1"
+        assert len(rec.on("yugami/cam-off/cmd/install/result")) == 1
+        (answer,) = rec.json_on("yugami/cam-any/cmd/install/result")
+        assert answer["unchanged"] is True
+        sha = manifest_sha(bundle)
+        assert {v["model"]["sha256"] for v in rec.json_on("yugami/cam-any/verdict")} == {sha}
+    finally:
+        for w in writers:
+            w.stop.set()
+        rec.close()

@@ -253,3 +253,27 @@ def test_shadow_gate_and_watch() -> None:
     assert w.add(True) == "failed" and "6 of the first 6" in w.reason()
     w = Watch(4, 0.5)
     assert [w.add(a) for a in (True, False, True, False)] == [None, None, None, "passed"]
+
+
+def test_the_fleet_section_is_validated() -> None:
+    from agent.config import ConfigError, parse_config
+
+    base = {"device_id": "cam1", "bundle": "/b", "capture": {"source": "/in"}, "mqtt": {"host": "h"}}
+    cfg = parse_config({**base, "fleet": {"groups": ["line-2"], "install": "any"}}, check_files=False)
+    assert cfg.fleet.groups == ["line-2"] and cfg.fleet.shadow_frames == 16 and cfg.fleet.keep_bundles == 3
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "service": {"recent_frames": 8},
+                      "fleet": {"shadow_frames": 9, "groups": ["a/b", "x", "x"], "install": "maybe",
+                                "max_anomaly_share": 1.5, "keep_bundles": 1, "max_bundle_bytes": 0}},
+                     check_files=False)
+    text = str(err.value)
+    assert "fleet.install" in text  # a wrong literal is reported before the cross-field rules
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "service": {"recent_frames": 8},
+                      "fleet": {"shadow_frames": 9, "groups": ["a/b", "x", "x"], "max_anomaly_share": 1.5,
+                                "keep_bundles": 1, "max_bundle_bytes": 0}}, check_files=False)
+    text = str(err.value)
+    assert "fleet.shadow_frames: 9 is more than service.recent_frames (8)" in text
+    for key in ("fleet.groups[0]", "listed twice", "fleet.max_anomaly_share", "fleet.keep_bundles",
+                "fleet.max_bundle_bytes"):
+        assert key in text, key
