@@ -205,15 +205,30 @@ class HashCache:
 class Collector:
     """Answers cmd/collect_list and cmd/fetch from the two stores.
 
-    ``frames()`` gives every frame on the box (labelled ones first); it is called per request, so it must be
-    cheap: the service builds it from the evidence index it keeps in memory and the feedback store's."""
+    ``labelled()`` gives the feedback store's entries and ``evidence()`` the evidence index's (time, base)
+    pairs, both kept in memory by the agent; they are read per request (every chunk of a fetch), so the
+    evidence frames derived from them are kept until the index changes at either end or a label changes."""
 
-    def __init__(self, frames: Callable[[], list[StoredFrame]], clock: Callable[[], float] = time.monotonic,
-                 budget_s: float = LIST_BUDGET_S) -> None:
-        self.frames = frames
+    def __init__(self, labelled: Callable[[], Iterable[Any]], evidence: Callable[[], list[tuple[float, Path]]],
+                 clock: Callable[[], float] = time.monotonic, budget_s: float = LIST_BUDGET_S) -> None:
+        self.labelled = labelled
+        self.evidence = evidence
         self.hashes = HashCache()
         self.clock = clock
         self.budget_s = budget_s
+        self._evidence_key: tuple[Any, ...] | None = None
+        self._evidence_frames: list[StoredFrame] = []
+
+    def frames(self) -> list[StoredFrame]:
+        """Labelled frames, then evidence frames without a label."""
+        lab = labelled_frames(self.labelled())
+        ids = frozenset(f.frame_id for f in lab)
+        entries = self.evidence()
+        # The index only grows at its end and is pruned at its start: its length and both ends tell a change.
+        key = (len(entries), entries[0] if entries else None, entries[-1] if entries else None, ids)
+        if key != self._evidence_key:
+            self._evidence_frames, self._evidence_key = evidence_frames(entries, ids), key
+        return lab + self._evidence_frames
 
     def list(self, body: dict[str, Any]) -> dict[str, Any]:
         labels = set(body.get("labels") or LABELS)

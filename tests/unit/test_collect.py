@@ -17,9 +17,7 @@ from agent.collect import (
     Collector,
     check_fetch_body,
     check_list_body,
-    evidence_frames,
     file_name_problem,
-    labelled_frames,
     parse_time,
 )
 from agent.commands import TABLE, CommandError, parse_command_body
@@ -63,11 +61,7 @@ def box(tmp_path: Path):
           evidence(tmp_path, "2026-01-01", "090500", "cam-000003", b"j3" * 1000, t0 + 300),
           evidence(tmp_path, "2026-01-01", "120000", "part.v2-1a2b", b"j4", t0 + 3 * 3600)]
 
-    def frames():
-        lab = labelled_frames(entries)
-        return lab + evidence_frames(ev, {f.frame_id for f in lab})
-
-    return Collector(frames), tmp_path
+    return Collector(lambda: entries, lambda: ev), tmp_path
 
 
 def test_list_gives_each_frame_once_with_label_sizes_and_sha256(box) -> None:
@@ -126,7 +120,7 @@ def test_fetch_reads_chunks_and_names_the_whole_file(box) -> None:
 def test_fetch_length_is_capped(tmp_path: Path) -> None:
     big = bytes(range(256)) * (MAX_FETCH_BYTES // 128)
     entry = labelled(tmp_path / "feedback", "f1", "good", "2026-01-01T10:00:00Z", picture=big)
-    collector = Collector(lambda: labelled_frames([entry]))
+    collector = Collector(lambda: [entry], list)
     out = collector.fetch({"frame_id": "f1", "file": "f1.png", "length": len(big)})
     assert len(base64.b64decode(out["data"])) == MAX_FETCH_BYTES and out["bytes_total"] == len(big)
 
@@ -178,3 +172,19 @@ def test_hashes_are_cached_until_the_file_changes(box) -> None:
     os.replace(tmp, path)
     item = next(i for i in collector.list({})["items"] if i["frame_id"] == "cam-000001")
     assert item["files"]["cam-000001.png"]["sha256"] == hashlib.sha256(b"changed!!").hexdigest()
+
+
+def test_new_evidence_and_new_labels_show_in_the_next_listing(tmp_path: Path) -> None:
+    t0 = parse_time("2026-01-01T09:00:00Z")
+    ev = [evidence(tmp_path, "2026-01-01", "090000", "a-1", b"a", t0)]
+    entries: list[Entry] = []
+    collector = Collector(lambda: entries, lambda: list(ev))
+    assert [(i["frame_id"], i["label"]) for i in collector.list({})["items"]] == [("a-1", "unlabelled")]
+    ev.append(evidence(tmp_path, "2026-01-01", "090100", "a-2", b"b", t0 + 60))  # saved since
+    assert [i["frame_id"] for i in collector.list({})["items"]] == ["a-1", "a-2"]
+    ev.pop(0)  # retention removed the oldest
+    ev.append(evidence(tmp_path, "2026-01-01", "090200", "a-3", b"c", t0 + 120))
+    assert [i["frame_id"] for i in collector.list({})["items"]] == ["a-2", "a-3"]
+    entries.append(labelled(tmp_path / "feedback", "a-2", "defect", "2026-01-01T09:05:00Z"))  # labelled since
+    assert [(i["frame_id"], i["label"]) for i in collector.list({})["items"]] == [
+        ("a-3", "unlabelled"), ("a-2", "defect")]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.collect import CollectError, Collector, evidence_frames, labelled_frames
+from agent.collect import CollectError, Collector
 from fleet.collect import (
     BoxCollector,
     DeviceSilent,
@@ -159,11 +159,7 @@ def box(tmp_path: Path):
     (ev / "090000_f-ev.json").write_text(json.dumps({"id": "f-ev", "verdict": "anomaly"}))
     evidence = [(1767258000.0, ev / "090000_f-ev")]
 
-    def frames():
-        lab = labelled_frames(entries)
-        return lab + evidence_frames(evidence, {f.frame_id for f in lab})
-
-    return Collector(frames), entries, pictures
+    return Collector(lambda: entries, lambda: evidence), entries, pictures
 
 
 def collect(collector: Collector, out: Path, **kw: Any) -> tuple[Any, DirectRequests]:
