@@ -11,6 +11,7 @@ for an "anomaly" verdict and 1 - p for "ok"; both are exactly 0.5 at the thresho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 
 from agent.bundle import Bundle, EmbeddingSpec
-from agent.patches import nearest_distances, patch_features, worst_cells
+from agent.patches import PatchBank, nearest_distances, patch_features, worst_cells
 from agent.preprocess import prepare_rgb, scale_to_float
 from agent.runtime import TensorInfo, TFLiteModel, quantize
 
@@ -30,6 +31,18 @@ class Embedding:
     feature_map: np.ndarray | None  # (h, w, C) float, when the model exports it
     rgb: np.ndarray  # the prepared HxWx3 uint8 picture the model saw
     patch_map: np.ndarray | None = None  # (gh, gw) distance of each cell to its nearest normal patch
+
+
+@dataclass(frozen=True)
+class ExtraBanks:
+    """Normal rows added on the box (agent.feedback's bank extension), searched after the bundle's own.
+
+    Small by design (``feedback.max_extension`` frames): the GeM rows are appended to the bundle's bank
+    once per change, the patch rows form a second :class:`PatchBank` whose distances are min-ed with the
+    bundle's; a frame costs one more small matrix product, nothing while the extension is empty."""
+
+    gem: np.ndarray  # (n, D) float32, L2-normalised
+    patch: PatchBank | None  # cells of the frames, None for bundles without patch scoring
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,27 @@ class Scorer:
         self.bundle = bundle
         self.threshold_override = threshold  # a box's own threshold (cmd/set), or None for the bundle's
         self._input_lut = input_lut(bundle)
+        self.extra: ExtraBanks | None = None
+        self._gem_bank = bundle.bank  # the bundle's bank, with the extension's GeM rows appended
+        self._view = bundle
+
+    def extend(self, extra: ExtraBanks | None) -> None:
+        """Search ``extra`` beside the bundle's banks from the next frame on (None: the bundle's alone)."""
+        b = self.bundle
+        self.extra = extra
+        if extra is None or extra.gem.shape[0] == 0:
+            self._gem_bank, self._view = b.bank, b
+            return
+        if extra.gem.shape[1] != b.bank.shape[1]:
+            raise ValueError(f"extension rows have {extra.gem.shape[1]} dimensions, the bank {b.bank.shape[1]}")
+        self._gem_bank = np.ascontiguousarray(np.vstack([b.bank, extra.gem]), np.float32)
+        self._view = dataclasses.replace(b, bank=self._gem_bank)
+
+    @property
+    def view(self) -> Bundle:
+        """The bundle as this scorer searches it: its bank with the extension's rows appended, which is
+        what ``ScoreResult.nearest`` indexes (Grad-CAM draws the difference to that row)."""
+        return self._view
 
     @property
     def threshold(self) -> float:
@@ -153,15 +187,35 @@ class Scorer:
         vector, fmap = read_embedding(b.model, b.embedding, b.embedding_output, b.feature_map_output)
         return Embedding(vector=vector, feature_map=fmap, rgb=rgb, patch_map=self._patch_map())
 
-    def _patch_map(self) -> np.ndarray | None:
+    def _patch_features(self) -> np.ndarray | None:
+        """(cells, Dp) patch features of the frame last invoked, or None without patch scoring."""
         b = self.bundle
         if b.patch is None or b.patch_bank is None:
             return None
-        features = patch_features([b.model.get_output(o) for o in b.patch_outputs], b.patch.grid, b.patch.smoothing)
-        return nearest_distances(features, b.patch_bank).reshape(b.patch.grid)
+        return patch_features([b.model.get_output(o) for o in b.patch_outputs], b.patch.grid, b.patch.smoothing)
+
+    def _patch_map(self) -> np.ndarray | None:
+        features = self._patch_features()
+        if features is None:
+            return None
+        b = self.bundle
+        distances = nearest_distances(features, b.patch_bank)
+        if self.extra is not None and self.extra.patch is not None:
+            np.minimum(distances, nearest_distances(features, self.extra.patch), out=distances)
+        return distances.reshape(b.patch.grid)
+
+    def extension_features(self, frame: np.ndarray, name: str = "frame") -> tuple[
+            np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(GeM embedding (D,), patch features (cells, Dp), each cell's distance to the bundle's own patch
+        bank (cells,)) of a frame, prepared as every frame is: what agent.feedback adds to the banks."""
+        emb = self.embed(frame, name)
+        features = self._patch_features()
+        if features is None:
+            return emb.vector, None, None
+        return emb.vector, features, nearest_distances(features, self.bundle.patch_bank)
 
     def score_embedding(self, vector: np.ndarray) -> tuple[float, int]:
-        scores, nearest = cosine_scores(vector, self.bundle.bank)
+        scores, nearest = cosine_scores(vector, self._gem_bank)
         return float(scores[0]), int(nearest[0])
 
     def score_frame(self, emb: Embedding) -> tuple[float, int, dict[str, float] | None]:

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from agent.config import StorageConfig
+from agent.preprocess import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,30 @@ class Evidence:
         """(time saved, path without suffix) of every kept frame, oldest first; from memory, no disk access
         (what cmd/collect_list and cmd/fetch look frames up in)."""
         return [(t, base) for t, base, _ in self._index]
+
+    def find(self, frame_id: str) -> Path | None:
+        """The kept picture of a verdict (``<day>/<HHMMSS>_<frame id>.<jpg|png>``), newest first; None when
+        it is not (or no longer) kept. From memory, then one look at the disk for the suffix."""
+        for _, base, _ in reversed(self._index):
+            if base.name.partition("_")[2] == frame_id:
+                for suffix in (".png", ".jpg"):
+                    if _suffixed(base, suffix).is_file():
+                        return _suffixed(base, suffix)
+        return None
+
+    def load(self, frame_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """(the picture as saved, its verdict JSON) of a kept frame, or None when it is not kept or unreadable."""
+        image_path = self.find(frame_id)
+        if image_path is None:
+            return None
+        meta = image_path.with_name(image_path.name[: -len(image_path.suffix)] + ".json")
+        try:
+            payload = json.loads(meta.read_text(encoding="utf-8"))
+            image = load_image(image_path)
+        except (OSError, ValueError) as exc:  # ImageError is a ValueError
+            logger.warning("evidence for frame %s cannot be read (%s)", frame_id, exc)
+            return None
+        return (image, payload) if isinstance(payload, dict) else None
 
     def wants(self, verdict: str) -> bool:
         """Whether a frame with this verdict is to be kept (counts ok frames for the 1-in-N sample)."""

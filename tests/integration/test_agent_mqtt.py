@@ -27,7 +27,7 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 VERDICT_KEYS = ["v", "id", "ts", "device", "source", "score", "threshold", "verdict", "confidence", "model",
-                "latency_ms"]
+                "latency_ms", "evidence"]
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 BASE = "yugami/cam1"
 
@@ -73,6 +73,8 @@ def test_folder_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, 
             assert v["verdict"] in ("ok", "anomaly") and 0.5 <= v["confidence"] <= 1.0
             assert v["latency_ms"] > 0 and v["threshold"] > 0
             assert (v["verdict"] == "anomaly") == (v["score"] > v["threshold"])
+            saved = list((tmp_path / "state" / "evidence").glob(f"*/*_{v['id']}.jpg"))
+            assert v["evidence"] is (v["verdict"] == "anomaly") and bool(saved) is v["evidence"]  # named by its id
         assert len({v["id"] for v in verdicts}) == 4
         assert verdicts[2]["verdict"] == "anomaly"
 
@@ -87,6 +89,8 @@ def test_folder_source_end_to_end(tmp_path: Path, tiny_bundle: Path, mosquitto, 
         jpegs = wait_until(lambda: len(rec.on(f"{BASE}/gradcam")) >= len(anomalies) and rec.on(f"{BASE}/gradcam"),
                            10, "a Grad-CAM JPEG per anomaly")
         assert len(jpegs) == len(anomalies) and all(j[:2] == b"\xff\xd8" for j in jpegs)
+        for fid, jpeg in zip(anomalies, jpegs, strict=True):  # each also under its verdict's id
+            assert wait_until(lambda f=fid: rec.on(f"{BASE}/gradcam/{f}"), 10, f"the heat map of {fid}") == [jpeg]
         assert rec.json_on(f"{BASE}/state")[-1]["id"] == verdicts[-1]["id"]
 
         # Home Assistant discovery: retained, and announced again when Home Assistant comes online.
@@ -155,12 +159,14 @@ def test_commands_and_bad_commands(tmp_path: Path, tiny_bundle: Path, mosquitto,
     wait_until(lambda: rec.on(f"{BASE}/verdict"), 10, "the verdict of the triggered frame")
     assert [v["id"] for v in rec.json_on(f"{BASE}/verdict")] == [t1["frame_id"]]
 
-    # gradcam for a frame id: the JPEG on the gradcam topic, the frame id in the result.
+    # gradcam for a frame id: the JPEG on the frame's own gradcam topic (the topic in the result) and on the
+    # plain one Home Assistant reads, the frame id in the result.
     rec.publish(f"{BASE}/cmd/gradcam", json.dumps({"id": "g1", "frame_id": t1["frame_id"]}))
     g1 = result("gradcam", "g1")
-    assert g1["ok"] is True and g1["frame_id"] == t1["frame_id"] and g1["topic"] == f"{BASE}/gradcam"
+    assert g1["ok"] is True and g1["frame_id"] == t1["frame_id"] and g1["topic"] == f"{BASE}/gradcam/{t1['frame_id']}"
     jpegs = wait_until(lambda: rec.on(f"{BASE}/gradcam"), 10, "the Grad-CAM JPEG")
     assert jpegs[0][:2] == b"\xff\xd8" and len(jpegs[0]) == g1["bytes"]
+    assert wait_until(lambda: rec.on(g1["topic"]), 10, "the JPEG on the frame's topic")[0] == jpegs[0]
     assert cv2.imdecode(np.frombuffer(jpegs[0], np.uint8), cv2.IMREAD_COLOR) is not None
 
     # gradcam for the next frame: answered when the next trigger brings one.

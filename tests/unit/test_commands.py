@@ -40,7 +40,8 @@ class Record:
 class Port:
     """The service side the handlers talk to, recording what they asked for."""
 
-    gradcam_topic = "yugami/cam1/gradcam"
+    def gradcam_topic_for(self, frame_id: str) -> str:
+        return f"yugami/cam1/gradcam/{frame_id}"
 
     def __init__(self, clock: Clock | None = None, reload_s: float = 0.0) -> None:
         self.replies: list[tuple[str, Any, bool, str | None, dict[str, Any]]] = []

@@ -16,6 +16,7 @@ from agent.mqtt import (
     command_result_message,
     discovery_message,
     event_message,
+    gradcam_message,
     parse_command,
     state_message,
     stats_message,
@@ -48,7 +49,8 @@ def test_topics() -> None:
 def test_verdict_payload_has_exactly_the_documented_fields() -> None:
     p = sample_verdict()
     assert list(p) == ["v", "id", "ts", "device", "source", "score", "threshold", "verdict", "confidence", "model",
-                       "latency_ms"]
+                       "latency_ms", "evidence"]
+    assert p["evidence"] is False
     assert p["v"] == 1 and p["ts"] == "1970-01-01T00:00:00.000Z"
     assert p["model"] == {"name": "m", "sha256": "ab" * 32}
     assert p["score"] == 0.123457 and p["confidence"] == 0.7346 and p["latency_ms"] == 12.346
@@ -56,6 +58,22 @@ def test_verdict_payload_has_exactly_the_documented_fields() -> None:
     assert msg.topic == T.verdict and msg.qos == 1 and not msg.retain and json.loads(msg.payload) == p
     state = state_message(T, p)
     assert state.retain and state.topic == T.state
+
+
+def test_verdict_says_whether_evidence_was_saved() -> None:
+    p = verdict_payload(frame_id="f", ts=utc_iso(0), device="d", source="s", score=0.5, threshold=0.1,
+                        verdict="anomaly", confidence=0.9, model_name="m", model_sha256="ab" * 32, latency_ms=1.0,
+                        evidence=True)
+    assert p["evidence"] is True and list(p)[-1] == "evidence"
+
+
+def test_heat_maps_go_to_the_plain_topic_and_the_frame_s_own() -> None:
+    assert T.gradcam == "yugami/line1-cam1/gradcam"
+    assert T.gradcam_for("img_0042-3f9c2a1b7e") == "yugami/line1-cam1/gradcam/img_0042-3f9c2a1b7e"
+    assert T.gradcam_for("a+b#c/d") == "yugami/line1-cam1/gradcam/a_b_c_d"  # no wildcard in a topic level
+    assert gradcam_message(T, b"jpg").topic == T.gradcam
+    msg = gradcam_message(T, b"jpg", "f1")
+    assert msg.topic == T.gradcam_for("f1") and msg.payload == b"jpg" and msg.qos == 0 and not msg.retain
 
 
 def test_utc_iso_format() -> None:
