@@ -234,3 +234,30 @@ def test_a_group_push_reaches_every_member_once_each(tmp_path: Path, mosquitto: 
         for w in writers:
             w.stop.set()
         rec.close()
+
+
+def test_an_installed_bundle_that_no_longer_loads_falls_back_to_the_configs(tmp_path: Path, mosquitto: Any,
+                                                                            agents: Any) -> None:
+    bundle = demo_copy(tmp_path / "v1", "1", None)
+    broken = demo_copy(tmp_path / "state" / "bundles" / "yugami-demo-parts-2-0123456789ab", "2", None)
+    (broken / "bank.npz").write_bytes(b"damaged")
+    (tmp_path / "state" / "bundles" / "installed.json").write_text(json.dumps(
+        {"current": broken.name, "previous": None, "config_bundle": str(bundle)}))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    frames = DemoFrames(folder)
+    rec = Recorder(mosquitto.port, [f"{BASE}/verdict", f"{BASE}/event"])
+    agent = agents(base_config(tmp_path, bundle, mosquitto.port, str(folder), fleet={"install": "any"}))
+    frames.start()
+    try:
+        event = rec.wait_json(f"{BASE}/event", lambda e: e["event"] == "install_fallback", timeout=120,
+                              what="install_fallback")
+        assert "no longer loads" in event["error"] and "bank.npz" in event["error"], event
+        more_verdicts(rec, agent, 3, "verdicts with the config's bundle")
+        assert {v["model"]["sha256"] for v in verdicts(rec)} == {manifest_sha(bundle)}
+        installed = json.loads((tmp_path / "state" / "bundles" / "installed.json").read_text())
+        assert installed["current"] == str(bundle) and installed["previous"] == broken.name
+        assert agent.terminate() == 0, agent.logs()
+    finally:
+        frames.stop.set()
+        rec.close()
