@@ -214,13 +214,14 @@ class Requests:
     here every request id has its own slot. Answers to ids no longer awaited (a chunk asked again, then both
     came) are dropped."""
 
-    def __init__(self, client: paho.Client, prefix: str, names: tuple[str, ...]) -> None:
+    def __init__(self, client: paho.Client, prefix: str, names: tuple[str, ...], devices: list[str]) -> None:
         self.client = client
         self.prefix = prefix
         self._cond = threading.Condition()
         self._waiting: set[str] = set()
         self._answers: dict[str, dict[str, Any]] = {}
-        self.filters = [f"{prefix}/+/cmd/{name}/result" for name in names]
+        # these boxes only: chunks fetched by someone else from other boxes are not ours to receive
+        self.filters = [f"{prefix}/{device}/cmd/{name}/result" for device in devices for name in names]
         for f in self.filters:
             client.message_callback_add(f, self._on_message)
         fm.subscribe(client, self.filters)
@@ -638,9 +639,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     tallies = []
     try:
-        requests = Requests(client, args.prefix, ("collect_list", "fetch"))
+        devices = list(dict.fromkeys(args.device))
+        requests = Requests(client, args.prefix, ("collect_list", "fetch"), devices)
         try:
-            for device in dict.fromkeys(args.device):
+            for device in devices:
                 tallies.append(BoxCollector(requests, device, opts, manifest).run())
         finally:
             requests.close()

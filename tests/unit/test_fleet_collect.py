@@ -266,3 +266,15 @@ def test_test_good_puts_good_frames_where_yugami_eval_reads(box, tmp_path: Path)
     assert (out / "train/good/cam-1_f-good.png").is_file()
     assert json.loads((out / "collected.json").read_text())["frames"]["cam-1/f-good"]["test_copy"] == \
         "test/good/cam-1_f-good.png"
+
+
+def test_summary_table() -> None:
+    from fleet.collect import Tally, table
+
+    text = table([Tally("line1-cam", True, 4, 4, 0, 0, 0, 250000, {"good": 1, "defect": 1, "unlabelled": 2}),
+                  Tally("line2-cam")])
+    head, first, second = text.splitlines()
+    assert head.split() == ["device", "answered", "listed", "fetched", "present", "moved", "failed", "bytes", "labels"]
+    assert first.split() == ["line1-cam", "yes", "4", "4", "0", "0", "0", "250000", "defect=1", "good=1",
+                             "unlabelled=2"]
+    assert second.split()[:2] == ["line2-cam", "NO"]
