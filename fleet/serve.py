@@ -191,7 +191,12 @@ class BrokerLink:
             topic = msg.topic
         except UnicodeDecodeError:
             return
-        for ask in route(self.store, self.prefix, topic, bytes(msg.payload)):
+        try:
+            asks = route(self.store, self.prefix, topic, bytes(msg.payload))
+        except Exception:  # paho's network thread must outlive one odd message; say which one
+            logger.exception("could not take the message on %s", topic)
+            return
+        for ask in asks:
             try:
                 self.send(ask, wait=False)  # never wait for an acknowledgement on the network thread
             except fleet_mqtt.BrokerError as exc:

@@ -80,7 +80,7 @@ def test_an_anomaly_becomes_a_card_and_asks_the_box_for_its_heat_map_at_once(sto
 
 
 def test_no_request_when_the_box_sends_heat_maps_itself_or_has_them_off(store: ReviewStore) -> None:
-    msg(store, "cam1/stats", {"settings": {"gradcam_policy": "every_anomaly"}})
+    msg(store, "cam1/stats", {"settings": {"gradcam_policy": {"value": "every_anomaly", "source": "set"}}})
     assert msg(store, "cam1/verdict", verdict("f-1")) == []
     msg(store, "cam2/stats", {"settings": {"gradcam_policy": "off"}})
     assert msg(store, "cam2/verdict", verdict("f-2")) == []
