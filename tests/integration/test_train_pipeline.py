@@ -41,6 +41,9 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
     from trainer.data import find_dataset, fingerprint
 
     out = tmp_path / "bundle"
+    from fleet.keys import generate_keypair
+
+    sign_key, sign_pub = generate_keypair(tmp_path / "keys", "release")
     rc = train_main(
         [
             str(parts),
@@ -58,15 +61,25 @@ def test_train_export_load_and_evaluate(parts: Path, shared_dir: Path, tmp_path:
             "3",
             "--save-float",
             str(tmp_path / "float.tflite"),
+            "--model-version",
+            "1.2",
+            "--sign-key",
+            str(sign_key),
             "--quiet",
         ]
     )
     assert rc == 0, capsys.readouterr().err
+    # signed after export (issue 14): the agent's own check accepts it, naming the key
+    from agent.trust import load_trusted_keys, verify_signature
+
+    signer = verify_signature(out, (out / "manifest.json").read_bytes(), load_trusted_keys([sign_pub]), require=True)
+    assert signer is not None and signer.signer == "release"
 
     bundle = load_bundle(out)
     m = bundle.manifest
     # GeM by default: the int8 model carries only the feature map and the agent pools it.
     assert m["embedding"] == {"pooling": "gem", "p": 3.0}
+    assert m["model"]["version"] == "1.2" and bundle.version == "1.2"
     # fused scoring by default: the same model also gives the patch trunk's three maps
     assert bundle.embedding_output is None
     assert list(m["tflite"]["outputs"]) == ["feature_map", "patch_0", "patch_1", "patch_2"]
