@@ -1,0 +1,38 @@
+"""yugami-fleet push / rollback without a broker: arguments, the rows of the report, group members."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.cli import build_parser
+from fleet.push import box_row, format_rows, group_members
+
+
+def test_push_needs_a_bundle_and_devices_or_a_group() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["push", "b", "--device", "cam-1", "cam-2", "--force", "--no-shadow", "--json"])
+    assert args.device == ["cam-1", "cam-2"] and args.force and args.no_shadow and args.runner == "run_push"
+    assert parser.parse_args(["rollback", "--group", "line-2"]).runner == "run_rollback"
+    for bad in (["push", "b"], ["push", "b", "--device", "x", "--group", "g"], ["rollback"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_rows_say_what_each_box_did() -> None:
+    ok = box_row("cam-1", {"ok": True, "model": {"version": "3"}, "previous": {"version": "2"},
+                           "shadow": {"anomaly_share": 0.0625, "old_anomaly_share": 0.0625}}, "2", 4.2)
+    failed = box_row("cam-2", {"ok": False, "error": "health gate: ...", "model": {"version": "2"},
+                               "shadow": {"anomaly_share": 0.94, "old_anomaly_share": 0.06}}, "2", 5.0)
+    silent = box_row("cam-3", None, "2", None)
+    assert ok["ok"] and ok["before"] == "2" and ok["after"] == "3"
+    assert not failed["ok"] and not silent["ok"] and not silent["answered"]
+    text = format_rows([ok, failed, silent])
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["BOX", "RESULT"]
+    assert "2 -> 3" in lines[1] and "0.06 (was 0.06)" in lines[1]
+    assert "failed" in lines[2] and "health gate" in lines[2] and "no answer" in lines[3]
+
+
+def test_group_members_come_from_the_boxes_stats() -> None:
+    stats = {"a": {"groups": ["line-2"]}, "b": {"groups": ["line-1"]}, "c": {}}
+    assert group_members(stats, "line-2") == ["a"]
