@@ -157,12 +157,15 @@ class FeedbackStore:
         """Write the frame (PNG) and its entry (JSON, last); (the stored entry, entries dropped to keep the
         bound). Raises OSError when the disk refuses."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        ok, png = cv2.imencode(".png", image)
-        if not ok:
-            raise OSError("OpenCV could not encode the frame as PNG")
         png_path = self.dir / f"{entry.frame_id}.png"
         meta_path = self.dir / f"{entry.frame_id}.json"
-        _write_atomic(png_path, png.tobytes())
+        # A frame labelled again keeps the picture it was first kept with (from memory: lossless, where a
+        # later label may come from the evidence JPEG).
+        if entry.frame_id not in self._entries or not png_path.is_file():
+            ok, png = cv2.imencode(".png", image)
+            if not ok:
+                raise OSError("OpenCV could not encode the frame as PNG")
+            _write_atomic(png_path, png.tobytes())
         _write_atomic(meta_path, json.dumps(entry.as_dict(), indent=1).encode("utf-8"))
         stored = dataclasses.replace(entry, files={png_path.name: png_path, meta_path.name: meta_path})
         self._entries.pop(entry.frame_id, None)

@@ -60,6 +60,10 @@ def test_the_store_keeps_png_and_json_persists_and_drops_the_oldest(tmp_path: Pa
     assert [(e.frame_id, e.label, sorted(e.files)) for e in listed] == [
         ("b", "defect", ["b.json", "b.png"]), ("c", "good", ["c.json", "c.png"])]
     assert again.remove("b") is not None and again.remove("b") is None
+    # a new label for a kept frame keeps its first picture (from memory: lossless) and replaces the label
+    again.add(entry("c", "defect"), np.zeros_like(img))
+    assert np.array_equal(cv2.imread(str(tmp_path / "feedback" / "c.png"), cv2.IMREAD_UNCHANGED), img)
+    assert again.get("c").label == "defect" and len(again) == 1
     assert [e.frame_id for e in read_entries(tmp_path)] == ["c"]
 
 
