@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.bundle import BundleError
 from agent.config import ConfigError, parse_config
@@ -23,10 +25,12 @@ from agent.trust import (
     key_id,
     load_public_key,
     load_public_keys,
+    load_trusted_keys,
+    signature_document,
     verify_signature,
     version_key,
 )
-from fleet.keys import generate_keypair, main, sign_bundle
+from fleet.keys import generate_keypair, load_private_key, main, sign_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo"
@@ -281,3 +285,40 @@ def test_yugami_keys_help_has_examples() -> None:
     text = build_parser().format_help()
     for words in ("generate", "sign", "show", "--sign-key", "bundle_trust.public_keys", "Rotation"):
         assert words in text
+
+
+# --- a signature.json nobody wrote: only BundleError, never a crash or an acceptance --------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=80),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = ("format", "algorithm", "key_id", "signer", "signed_at", "manifest_sha256", "signature")
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _json_values, min_size=1, max_size=4),
+       drop=st.sets(st.sampled_from(_FIELDS), max_size=2))
+def test_a_damaged_signature_is_refused_with_a_bundle_error(tmp_path_factory: pytest.TempPathFactory,
+                                                            changes: dict[str, Any], drop: set[str]) -> None:
+    folder = tmp_path_factory.mktemp("fuzz")
+    private, public = keypair(folder / "keys", "k")
+    bundle = folder / "b"
+    bundle.mkdir()
+    raw = b'{"files": {}}'
+    (bundle / "manifest.json").write_bytes(raw)
+    doc = signature_document(load_private_key(private), raw, "k")
+    real = dict(doc)
+    doc.update(changes)
+    for name in drop:
+        doc.pop(name, None)
+    (bundle / SIGNATURE_FILE).write_text(json.dumps(doc))
+    keys = load_trusted_keys([public])
+    proof = ("format", "algorithm", "key_id", "manifest_sha256", "signature")
+    try:
+        signer = verify_signature(bundle, raw, keys, require=True)
+    except BundleError:
+        return
+    assert all(doc.get(k) == real[k] for k in proof), "a changed signature was accepted"
+    assert signer is not None and signer.signer == "k"
