@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +350,9 @@ class FeedbackLoop:
         self.store = FeedbackStore(storage_dir, cfg.max_frames)
         self.extension = BankExtension(feedback_dir(storage_dir) / EXTENSION_FILE, cfg.max_extension)
         self.extension.load()
-        self._scorer: Scorer | None = None
+        # weak: a bundle replaced by a reload must die with the swap (its memory is trimmed right after), not
+        # live on here until the next frame
+        self._followed: weakref.ref[Scorer] | None = None
         self.applied = False  # whether the scorer in use searches the extension
 
     # --- the scorer ---
@@ -357,13 +360,13 @@ class FeedbackLoop:
     def follow(self, scorer: Scorer) -> None:
         """Give a new scorer (start, reload, install, rollback) the extension if it belongs to its model;
         otherwise say so once. Cheap when the scorer is the one already followed (called per frame)."""
-        if scorer is self._scorer:
+        if self._followed is not None and self._followed() is scorer:
             return
-        self._scorer = scorer
+        self._followed = weakref.ref(scorer)
         self._apply(announce=True)
 
     def _apply(self, announce: bool = False) -> None:
-        scorer = self._scorer
+        scorer = self._followed() if self._followed is not None else None
         if scorer is None:
             return
         ext = self.extension
