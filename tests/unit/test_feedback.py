@@ -171,8 +171,11 @@ def test_a_good_label_on_a_false_alarm_stops_it_and_undo_brings_it_back(tmp_path
     assert [n for n, _ in events] == ["feedback_added", "bank_extended"]
     assert events.named("bank_extended")[0]["gem_rows"] == 1
     # Grad-CAM draws against the row the score came from: the view's bank holds the extension row
-    result, _ = scorer.score(frames[0].image)
+    result, emb = scorer.score(frames[0].image)
     assert result.nearest == demo_bundle.bank.shape[0] and scorer.view.bank.shape[0] == result.nearest + 1
+    from agent.gradcam import inspection_jpeg
+
+    assert inspection_jpeg(scorer.view, emb, result.nearest)[:2] == b"\xff\xd8"  # what cmd/gradcam draws
     assert scorer.bundle is demo_bundle  # the model itself is untouched
 
     listing = loop.listing(10)
