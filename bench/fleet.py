@@ -398,6 +398,7 @@ def _phase(f: Fleet, name: str, push_args: list[str], report: dict[str, Any], se
         "errors": sorted({(b.get("error") or b.get("reason") or "")[:160] for b in boxes if not b.get("ok")}),
         "settled_s": None if settled_s is None else round(settled_s, 2),
         "versions": versions_after, "frames_before": before, "frames_after": after,
+        "answered_versions": {b["device"]: b.get("after") for b in boxes},  # what each box said it switched to
     }
     report["phases"].append(phase)
     return phase
@@ -508,7 +509,7 @@ def _versions_line(vs: dict[str, str | None]) -> str:
     counts: dict[str, int] = {}
     for v in vs.values():
         counts[str(v)] = counts.get(str(v), 0) + 1
-    return ", ".join(f"{n} x v{v}" for v, n in sorted(counts.items()))
+    return ", ".join(f"{n} x " + (f"v{v}" if v != "None" else "none") for v, n in sorted(counts.items()))
 
 
 def write_markdown(report: dict[str, Any], command: str, out: Path) -> str:
@@ -528,15 +529,16 @@ def write_markdown(report: dict[str, Any], command: str, out: Path) -> str:
         f"- `yugami-fleet status` (central broker): {report['status']['online']} of {n} online, "
         f"versions {report['status']['versions']}, signers {report['status']['signers']}.",
         "",
-        "| rollout | push exit | boxes ok | push wall time | first / median / last box answer | versions after |",
-        "|---|---|---|---|---|---|",
+        "| rollout | push exit | boxes ok | push wall time | first / median / last box answer | switched to "
+        "(answers) | versions after (stats) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in report["phases"]:
         walls = p["box_wall_s"]
         spread = f"{walls[0]:.1f} / {statistics.median(walls):.1f} / {walls[-1]:.1f} s" if walls else "-"
         ok = f"{p['ok']} of {n}" + ("" if p["answered"] == n else f" ({p['answered']} answered)")
         lines.append(f"| {p['name']} | {p['rc']} | {ok} | {p['wall_s']:.1f} s | {spread} | "
-                     f"{_versions_line(p['versions'])} |")
+                     f"{_versions_line(p['answered_versions'])} | {_versions_line(p['versions'])} |")
     last = report["phases"][-1]
     lines += [
         "",
