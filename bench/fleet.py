@@ -58,14 +58,28 @@ VIDEO_FRAMES = 20  # one defect in ten (demo.synthetic.video_schedule)
 # --- brokers ------------------------------------------------------------------------------------------------
 
 
-def bridge_lines(central_port: int, name: str = "site-a") -> list[str]:
-    """mosquitto.conf lines that bridge this broker to the central one: everything under yugami/ both ways at
-    QoS 1, with a persistent session on the central broker (cleansession false) so messages for the site
-    queue there while the link is down."""
+# The bridge's topics, as docs/FLEET.md gives them: everything under the prefix both ways, or the narrower form
+# where telemetry only goes out and commands only come in.
+BRIDGE_TOPICS = {
+    "both": [f"topic {PREFIX}/# both 1"],
+    "narrow": [
+        *(f"topic {PREFIX}/+/{t} out 1" for t in ("verdict", "state", "stats", "available", "event", "cmd/+/result")),
+        f"topic {PREFIX}/+/gradcam/# out 0",
+        f"topic {PREFIX}/+/cmd/+ in 1",
+        f"topic {PREFIX}/group/# in 1",
+    ],
+}
+PROBE = f"{PREFIX}/_bench/probe"
+
+
+def bridge_lines(central_port: int, name: str = "site-a", topics: str = "both") -> list[str]:
+    """mosquitto.conf lines that bridge this broker to the central one at QoS 1, with a persistent session on
+    the central broker (cleansession false) so messages for the site queue there while the link is down."""
     return [
         f"connection {name}",
         f"address 127.0.0.1:{central_port}",
-        f"topic {PREFIX}/# both 1",
+        *BRIDGE_TOPICS[topics],
+        f"topic {PROBE} out 1",  # the bench's own check that the bridge is up
         "cleansession false",
         f"remote_clientid bridge-{name}",
         "bridge_protocol_version mqttv311",
@@ -75,7 +89,7 @@ def bridge_lines(central_port: int, name: str = "site-a") -> list[str]:
     ]
 
 
-def start_brokers(work: Path) -> tuple[Mosquitto, Mosquitto]:
+def start_brokers(work: Path, topics: str = "both") -> tuple[Mosquitto, Mosquitto]:
     """(central, site), both started; the site broker's bridge to the central one carries messages."""
     (work / "central").mkdir(parents=True)
     (work / "site").mkdir()
@@ -83,7 +97,7 @@ def start_brokers(work: Path) -> tuple[Mosquitto, Mosquitto]:
     central.start()
     site = Mosquitto(work / "site")
     # Bridge options go last: mosquitto reads every line after 'connection' as that bridge's.
-    site.conf.write_text(site.conf.read_text() + "\n".join(bridge_lines(central.port)) + "\n")
+    site.conf.write_text(site.conf.read_text() + "\n".join(bridge_lines(central.port, topics=topics)) + "\n")
     site.start()
     try:
         wait_until(lambda: _bridge_carries(site.port, central.port), 30, "the site broker's bridge to the central one",
@@ -105,7 +119,7 @@ def _bridge_carries(site_port: int, central_port: int) -> bool:
     """A message published on the site broker reaches a subscriber on the central broker."""
     got = threading.Event()
     subscribed = threading.Event()
-    topic = f"{PREFIX}/_bench/probe"
+    topic = PROBE
     central = _client(central_port, "probe-sub")
     central.on_subscribe = lambda *a: subscribed.set()
     central.on_message = lambda *a: got.set()
@@ -356,10 +370,10 @@ class Fleet:
         return [d for d, a in zip(self.devices, self.agents, strict=True) if not a.alive()]
 
 
-def start_fleet(work: Path, n: int, fps: float) -> Fleet:
+def start_fleet(work: Path, n: int, fps: float, bridge: str = "both") -> Fleet:
     bundles = make_bundles(work)
     video = make_video(work)
-    central, site = start_brokers(work)
+    central, site = start_brokers(work, bridge)
     ledger = CentralLedger(central.port)  # before any agent: every verdict is counted from the first
     devices = [device_name(i) for i in range(n)]
     agents = start_agents(work, n, site.port, video, bundles, fps)
@@ -398,7 +412,7 @@ def _phase(f: Fleet, name: str, push_args: list[str], report: dict[str, Any], se
         "errors": sorted({(b.get("error") or b.get("reason") or "")[:160] for b in boxes if not b.get("ok")}),
         "settled_s": None if settled_s is None else round(settled_s, 2),
         "versions": versions_after, "frames_before": before, "frames_after": after,
-        "answered_versions": {b["device"]: b.get("after") for b in boxes},  # what each box said it switched to
+        "answered_versions": {b["device"]: b.get("after") for b in boxes},  # the model each box answered with
     }
     report["phases"].append(phase)
     return phase
@@ -455,11 +469,11 @@ def _hwm_kb(pid: int) -> int | None:
     return None
 
 
-def run_scenario(work: Path, n: int, fps: float, log: Any = print) -> dict[str, Any]:
+def run_scenario(work: Path, n: int, fps: float, log: Any = print, bridge: str = "both") -> dict[str, Any]:
     """The whole run; returns the figures (and raises if a step cannot be carried out at all)."""
-    report: dict[str, Any] = {"boxes": n, "fps": fps, "phases": []}
+    report: dict[str, Any] = {"boxes": n, "fps": fps, "bridge": BRIDGE_TOPICS[bridge], "phases": []}
     t0 = time.monotonic()
-    f = start_fleet(work, n, fps)
+    f = start_fleet(work, n, fps, bridge)
     try:
         wait_ready(f, min_frames=10, timeout=120 + 6 * n + 20 / fps)
         report["startup_s"] = round(time.monotonic() - t0, 1)
@@ -521,7 +535,7 @@ def write_markdown(report: dict[str, Any], command: str, out: Path) -> str:
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}; {time.strftime('%Y-%m-%d', time.gmtime())}. Two mosquitto brokers (site bridged "
-        f"to central: `topic {PREFIX}/# both 1`, `cleansession false`), {n} agent processes on the site broker "
+        f"to central: `{'`, `'.join(report['bridge'])}`, `cleansession false`), {n} agent processes on the site broker "
         f"(looping synthetic video at {report['fps']} frames/s each, 1 TFLite thread, demo bundle signed as v1, "
         f"group `{GROUP}`), `yugami-fleet` on the central broker.",
         "",
@@ -529,8 +543,8 @@ def write_markdown(report: dict[str, Any], command: str, out: Path) -> str:
         f"- `yugami-fleet status` (central broker): {report['status']['online']} of {n} online, "
         f"versions {report['status']['versions']}, signers {report['status']['signers']}.",
         "",
-        "| rollout | push exit | boxes ok | push wall time | first / median / last box answer | switched to "
-        "(answers) | versions after (stats) |",
+        "| rollout | push exit | boxes ok | push wall time | first / median / last box answer | model in "
+        "the answers | versions after (stats) |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in report["phases"]:
@@ -577,13 +591,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boxes", type=int, default=50, help="agent processes (default 50)")
     parser.add_argument("--fps", type=float, default=0.5, help="capture.max_fps of each agent (default 0.5)")
+    parser.add_argument("--bridge", choices=sorted(BRIDGE_TOPICS), default="both",
+                        help="the bridge's topics: yugami/# both ways, or the narrower out/in form (default both)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs, state)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="yugami-fleet-bench-"))
     try:
-        report = run_scenario(work, args.boxes, args.fps)
+        report = run_scenario(work, args.boxes, args.fps, bridge=args.bridge)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The fleet on bridged brokers at N=3 (bench/fleet.py's scenario, the same code): a site mosquitto bridged to a
 central one, three agents on the site broker, yugami-fleet on the central broker. Status sees all three; a
 signed rollout reaches all three; a bundle that fails the health gate is refused by each (shadow on) and, with
---no-shadow, switched in and rolled back by each; no verdict is lost across the bridge meanwhile."""
+--no-shadow, switched in and rolled back by each; no verdict is lost across the bridge meanwhile. Both bridge
+configurations docs/FLEET.md gives are run: yugami/# both ways, and the narrower out/in topics."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 N = 3
 
 
-def test_bridged_fleet_rollout_refusal_and_rollback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bridge", ["both", "narrow"])
+def test_bridged_fleet_rollout_refusal_and_rollback(tmp_path: Path, bridge: str) -> None:
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    report = run_scenario(tmp_path, N, fps=2.0, log=lambda *a: None)
+    report = run_scenario(tmp_path, N, fps=2.0, log=lambda *a: None, bridge=bridge)
     assert report["status"]["rc"] == 0 and report["status"]["online"] == N, report["status"]
     assert report["status"]["versions"] == ["1"]
     assert report["status"]["signers"] == [s for s in report["status"]["signers"] if s.startswith("bench/")]
