@@ -36,6 +36,7 @@ VERDICT_FIELDS = [
     "confidence",
     "model",
     "latency_ms",
+    "evidence",
 ]
 FRAME_LINE = re.compile(r"^frame +(\d+) ")
 
@@ -85,6 +86,8 @@ class MosquittoSub:
             "yugami/#",
             "-T",
             f"{BASE}/gradcam",
+            "-T",
+            f"{BASE}/gradcam/+",  # the same JPEG again, under its frame id
             "-v",
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -97,7 +100,7 @@ class MosquittoSub:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             with self.lock:
-                self.lines.append(raw.decode("utf-8").rstrip("\n"))
+                self.lines.append(raw.decode("utf-8", errors="replace").rstrip("\n"))  # never die on a binary payload
 
     def messages(self) -> list[tuple[str, str]]:
         with self.lock:
