@@ -386,6 +386,9 @@ class MqttLink:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:
                 logger.warning("could not publish 'offline' before disconnecting: %s", exc)
+        # paho 2.x's network thread may take one more turn after the disconnect and log "Client is not
+        # connected" at ERROR: noise on every clean stop, so its logger goes quiet from here on.
+        self.client.disable_logger()
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()

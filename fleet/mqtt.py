@@ -163,6 +163,7 @@ def connect(args: argparse.Namespace, client_id_hint: str = "cli", timeout: floa
 
 
 def close(client: paho.Client) -> None:
+    client.disable_logger()  # paho logs "Client is not connected" at ERROR when its thread outlives the disconnect
     client.disconnect()
     client.loop_stop()
 
