@@ -65,7 +65,7 @@ def gradcam_path(out_dir: Path, image: str, taken: set[Path]) -> Path:
 
 
 def write_gradcam(bundle: Bundle, emb: Embedding, nearest: int, path: Path) -> str:
-    path.write_bytes(inspection_jpeg(bundle, emb, nearest))  # Grad-CAM | patch anomaly map where there is one
+    path.write_bytes(inspection_jpeg(bundle, emb, nearest))  # frame | Grad-CAM | patch anomaly map where there is one
     return str(path)
 
 

@@ -328,14 +328,21 @@ def patch_overlay_image(bundle: Bundle, embedding: Embedding, with_legend: bool 
     return np.vstack([picture, patch_legend(picture.shape[1], bundle)]) if with_legend else picture
 
 
+PANEL_GAP = 4  # white pixels between the panels of the inspection picture
+
+
 def inspection_image(bundle: Bundle, embedding: Embedding, nearest: int) -> np.ndarray:
-    """What ``cmd/gradcam`` publishes: the Grad-CAM overlay, and beside it the patch anomaly map
-    where the bundle has one (the map the fused score's patch half comes from)."""
+    """What ``cmd/gradcam`` publishes, left to right: the frame as the model saw it (a heat map hides what
+    it covers, and a reviewer judges the part, not the colours), the Grad-CAM overlay, and the patch
+    anomaly map where the bundle has one (the map the fused score's patch half comes from)."""
     cam = overlay_image(embedding.rgb, anomaly_cam(bundle, embedding, nearest), bundle)
-    if embedding.patch_map is None:
-        return cam
-    gap = np.full((cam.shape[0], 4, 3), 255, np.uint8)
-    return np.hstack([cam, gap, patch_overlay_image(bundle, embedding)])
+    plain = np.full_like(cam, 255)
+    plain[: embedding.rgb.shape[0]] = embedding.rgb  # white where the others have their colour bar
+    panels = [plain, cam]
+    if embedding.patch_map is not None:
+        panels.append(patch_overlay_image(bundle, embedding))
+    gap = np.full((cam.shape[0], PANEL_GAP, 3), 255, np.uint8)
+    return np.hstack([part for panel in panels for part in (gap, panel)][1:])
 
 
 def inspection_jpeg(bundle: Bundle, embedding: Embedding, nearest: int, quality: int = 85) -> bytes:

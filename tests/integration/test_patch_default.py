@@ -86,9 +86,11 @@ def test_default_training_scores_and_maps_a_planted_defect(parts: Path, shared_d
     peak = np.unravel_index(int(np.argmax(bad_emb.patch_map)), (gh, gw))
     centre = (DEFECT[0] * gh / H, DEFECT[1] * gw / W)
     assert abs(peak[0] + 0.5 - centre[0]) <= 1.5 and abs(peak[1] + 0.5 - centre[1]) <= 1.5, (peak, centre)
-    # what cmd/gradcam publishes: Grad-CAM and the anomaly map side by side
+    # what cmd/gradcam publishes: the frame, Grad-CAM and the anomaly map side by side
     picture = inspection_image(bundle, bad_emb, bad.nearest)
-    assert picture.shape[1] == 2 * bad_emb.rgb.shape[1] + 4
+    assert picture.shape[1] == 3 * bad_emb.rgb.shape[1] + 2 * 4
+    h, w = bad_emb.rgb.shape[:2]
+    assert np.array_equal(picture[:h, :w], bad_emb.rgb)  # the first panel is the frame itself
 
     report = tmp_path / "eval.json"
     assert eval_main([str(out), str(parts), "--json", str(report), "--plots", str(tmp_path / "plots"), "--quiet"]) == 0

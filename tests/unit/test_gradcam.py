@@ -14,6 +14,7 @@ import pytest
 from agent.bundle import load_bundle
 from agent.gradcam import (
     LEGEND_HEIGHT,
+    PANEL_GAP,
     cam_from_weights,
     cam_scale,
     gradcam_weights,
@@ -136,7 +137,8 @@ def test_score_cli_writes_one_overlay_per_image(tiny_bundle: Path, tmp_path: Pat
     assert len(set(written)) == 2 and all(p.parent == out for p in written)
     for p in written:
         img = cv2.imread(str(p))
-        assert img is not None and img.shape == (64 + LEGEND_HEIGHT, 64, 3)
+        # the frame, then Grad-CAM over it (the tiny bundle scores no patches: no third panel)
+        assert img is not None and img.shape == (64 + LEGEND_HEIGHT, 2 * 64 + PANEL_GAP, 3)
 
 
 def test_eval_grid_has_a_tile_per_picked_image(tiny_bundle: Path, tmp_path: Path) -> None:
