@@ -20,7 +20,6 @@ cursor to continue from.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import logging
 import time
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.mqtt import parse_utc_iso, utc_iso
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +111,10 @@ def file_name_problem(name: Any) -> str | None:
 
 def parse_time(text: str) -> float:
     """ISO 8601 (``Z`` or an offset; none means UTC) -> epoch seconds; ValueError saying the form."""
-    try:
-        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"'since' {text!r} is not an ISO 8601 time; send e.g. 2026-01-31T12:00:00Z") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp()
-
-
-def iso(t: float) -> str:
-    moment = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    t = parse_utc_iso(text)
+    if t is None:
+        raise ValueError(f"'since' {text!r} is not an ISO 8601 time; send e.g. 2026-01-31T12:00:00Z")
+    return t
 
 
 def cursor_of(frame: StoredFrame) -> str:
@@ -265,7 +258,7 @@ class Collector:
             files[name] = {"bytes": size, "sha256": sha}
         if not any(n.endswith(IMAGE_SUFFIXES) for n in files):
             return None
-        item: dict[str, Any] = {"frame_id": frame.frame_id, "label": frame.label, "ts": iso(frame.t),
+        item: dict[str, Any] = {"frame_id": frame.frame_id, "label": frame.label, "ts": utc_iso(frame.t),
                                 "store": frame.store, "files": files}
         if frame.note:
             item["note"] = frame.note

@@ -45,6 +45,20 @@ def utc_iso(t: float | None = None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_utc_iso(text: Any) -> float | None:
+    """The inverse of :func:`utc_iso`: POSIX seconds from an ISO 8601 time with a 'Z', an offset, or none
+    (taken as UTC, as the agent writes); None when ``text`` is not such a time."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.timestamp()
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.mqtt import topic_level
+from agent.mqtt import parse_utc_iso, topic_level
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,6 @@ MAX_CARD_NOTES = 20  # events and answers kept per card
 MAX_NOTE_BYTES = 500  # the operator's note, at most (the agent's cmd body has a size limit too)
 
 
-def parse_ts(text: Any) -> float | None:
-    """Seconds since the epoch from the agent's ISO 8601 'Z' time, or None if it is not one."""
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp()
 
 
 def iso(t: float) -> str:
@@ -208,7 +197,7 @@ class ReviewStore:
                 box.seen.popitem(last=False)
             box.last_seen = now
             anomaly = verdict.get("verdict") == "anomaly"
-            self._count(box, parse_ts(verdict.get("ts")), anomaly, now)
+            self._count(box, parse_utc_iso(verdict.get("ts")), anomaly, now)
             if not anomaly:
                 return []
             return self._add_card(box, frame_id, verdict, now)

@@ -12,7 +12,6 @@ broker.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from agent.mqtt import parse_utc_iso
 from fleet.mqtt import BrokerError, add_broker_arguments, close, connect, describe, device_of, subscribe
 
 logger = logging.getLogger(__name__)
@@ -61,17 +61,6 @@ class Row:
     groups: list[str] = field(default_factory=list)
 
 
-def parse_ts(text: Any) -> float | None:
-    """The agent's ISO 8601 UTC time (``2025-01-31T12:00:00.123Z``) as a POSIX time; None if unreadable."""
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return moment.timestamp()
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -115,7 +104,7 @@ def build_row(device: str, seen: Seen, now: float) -> Row:
     frames, anomalies = _count(stats.get("frames")), _count(stats.get("anomalies"))
     rate = anomalies / frames if frames and anomalies is not None else None
     threshold, source = _threshold(stats, state)
-    stamps = [t for t in (parse_ts(stats.get("ts")), parse_ts(state.get("ts"))) if t is not None]
+    stamps = [t for t in (parse_utc_iso(stats.get("ts")), parse_utc_iso(state.get("ts"))) if t is not None]
     groups = stats.get("groups") or _dict(stats.get("fleet")).get("groups") or []
     return Row(
         device=device,

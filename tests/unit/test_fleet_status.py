@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from fleet.status import Seen, build_rows, format_table, parse_ts, rows_json
+from agent.mqtt import parse_utc_iso
+from fleet.status import Seen, build_rows, format_table, rows_json
 
-NOW = parse_ts("2026-01-10T12:00:00.000Z")
+NOW = parse_utc_iso("2026-01-10T12:00:00.000Z")
 
 
 def stats(**extra: object) -> dict[str, object]:
@@ -69,7 +70,7 @@ def test_offline_unknown_and_odd_payloads() -> None:
     assert json.loads(json.dumps(rows_json(rows)))[1]["online"] is False
 
 
-def test_parse_ts() -> None:
-    assert parse_ts("2026-01-10T12:00:00Z") == NOW
-    assert parse_ts("2026-01-10T12:00:00") == NOW  # no zone: UTC, as the agent writes
-    assert parse_ts("yesterday") is None and parse_ts(None) is None
+def test_parse_utc_iso() -> None:
+    assert parse_utc_iso("2026-01-10T12:00:00Z") == NOW
+    assert parse_utc_iso("2026-01-10T12:00:00") == NOW  # no zone: UTC, as the agent writes
+    assert parse_utc_iso("yesterday") is None and parse_utc_iso(None) is None
