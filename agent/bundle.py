@@ -128,6 +128,14 @@ class Bundle:
         return int(self.manifest["embedding_dim"])
 
 
+def model_info(bundle: Bundle | None) -> dict[str, Any]:
+    """The model as stats, command results and events name it: name, version, sha256, signer."""
+    if bundle is None:
+        return {"name": None, "version": None, "sha256": None, "signer": None}
+    signer = {"key_id": bundle.signer["key_id"], "name": bundle.signer["name"]} if bundle.signer else None
+    return {"name": bundle.name, "version": bundle.version, "sha256": bundle.manifest_sha256, "signer": signer}
+
+
 def _fail(path: Path, problem: str) -> BundleError:
     return BundleError(f"bundle {path}: {problem}")
 

@@ -9,7 +9,7 @@ each chunk is one ``cmd/install`` command (see docs/FLEET.md):
 :class:`Reassembler` (frame-loop thread, a few ms per chunk) writes chunks to
 ``<storage>/bundles/.incoming/<transfer>/``; chunks may come out of order or twice, a transfer that stalls
 expires, a new transfer replaces an unfinished one. Once every chunk is there, the install job (a worker
-thread, see agent.service) joins them, checks the sha256 of the whole, extracts the tar with
+thread, see agent.rollout) joins them, checks the sha256 of the whole, extracts the tar with
 :func:`extract_bundle` (refusing links, devices, folders, paths), moves it to
 ``<storage>/bundles/<name>-<version>-<sha12>/``, loads and verifies it, and shadow-scores the last frames with
 it (:func:`shadow_score`). The switch happens on the frame loop; :class:`Watch` judges the first frames after it.

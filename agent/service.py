@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import queue
 import signal
 import sqlite3
 import sys
@@ -31,37 +30,17 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent import __version__
-from agent.bundle import MANIFEST, MAX_MANIFEST_BYTES, Bundle, BundleError, load_bundle, sha256_bytes
+from agent.bundle import MANIFEST, MAX_MANIFEST_BYTES, Bundle, BundleError, load_bundle, model_info, sha256_bytes
 from agent.capture import Frame, ManagedSource, SourceStatus, make_source, new_run_id
 from agent.collect import Collector
 from agent.commands import CommandHandlers, CommandQueue, CommandRunner, Pending, ReplyLimiter, busy_error
 from agent.config import EX_CONFIG, AgentConfig, ConfigError, load_config, warnings_for
 from agent.feedback import FeedbackError, FeedbackLoop, FrameRef
-from agent.install import (
-    BUNDLES_DIR,
-    INCOMING,
-    INSTALLED_FILE,
-    Installed,
-    InstallError,
-    JobOutcome,
-    Reassembler,
-    Shadow,
-    Transfer,
-    Watch,
-    gate_problem,
-    prune,
-    read_installed,
-    remove_tree,
-    shadow_score,
-    stage,
-    write_installed,
-)
 from agent.metrics import MetricsServer
 from agent.mqtt import (
     Command,
@@ -82,19 +61,9 @@ from agent.mqtt import (
 from agent.notify import Notifier
 from agent.outbox import Deliverer, Row, Spool
 from agent.preprocess import ImageError
+from agent.rollout import Rollout, RolloutHooks
 from agent.scoring import Embedding, Scorer
-from agent.settings import (
-    Effective,
-    Settings,
-    SettingsError,
-    apply_changes,
-    differences,
-    effective,
-    load_settings,
-    parse_changes,
-    save_settings,
-    settings_path,
-)
+from agent.settings import BoxSettings
 from agent.storage import Evidence
 from agent.trust import Signer, is_downgrade, load_trusted_keys, verify_signature
 
@@ -165,14 +134,6 @@ def _verified_manifest(cfg: AgentConfig, where: str) -> tuple[bytes | None, Sign
     if signer is None and keys:
         logger.warning("bundle %s is unsigned; accepted because bundle_trust.require_signature is false", where)
     return raw, signer
-
-
-def model_info(bundle: Bundle | None) -> dict[str, Any]:
-    """The model as stats, command results and events name it: name, version, sha256, signer."""
-    if bundle is None:
-        return {"name": None, "version": None, "sha256": None, "signer": None}
-    signer = {"key_id": bundle.signer["key_id"], "name": bundle.signer["name"]} if bundle.signer else None
-    return {"name": bundle.name, "version": bundle.version, "sha256": bundle.manifest_sha256, "signer": signer}
 
 
 def release_free_memory() -> bool:
@@ -276,18 +237,17 @@ class Agent:
         self.scorer: Scorer | None = None
         self.metrics: MetricsServer | None = None
         self._collector: Collector | None = None  # cmd/collect_list and cmd/fetch, made on first use
-        self.settings = Settings()  # cmd/set overrides, persisted in <storage_dir>/settings.json
-        self._settings_path = settings_path(cfg.storage_dir)
-        self._settings_problem: str | None = None  # why settings.json could not be used at start
-        # bundles installed over MQTT (agent.install): chunks on this thread, the job in a worker thread
-        self._bundles = cfg.storage_dir / BUNDLES_DIR
-        self._reassembler = Reassembler(self._bundles / INCOMING, cfg.fleet.max_bundle_bytes)
-        self._job_kind: str | None = None  # "install" or "rollback" while a worker runs
-        self._job_results: queue.SimpleQueue[JobOutcome] = queue.SimpleQueue()
-        self._installed: Installed | None = None  # installed.json: the bundle in use and the previous one
-        self._watch: Watch | None = None  # the first frames after an install
-        self._watch_from: Scorer | None = None  # the previous bundle, kept at hand while watching
-        self._install_start_events: list[tuple[str, dict[str, Any]]] = []
+        # cmd/set overrides, persisted in <storage_dir>/settings.json
+        self.settings = BoxSettings(cfg, scorer=lambda: self.scorer, event=self._event, kept_event=self._kept_event)
+        # bundles installed over MQTT (cmd/install, cmd/rollback): chunks on this thread, the job in a worker
+        # thread that never touches self.scorer; the switch happens here, between two frames (_switch_scorer)
+        self.rollout = Rollout(cfg, RolloutHooks(
+            scorer=lambda: self.scorer, switch=self._switch_scorer, make_scorer=self.make_scorer,
+            load_bundle=lambda **where: load_agent_bundle(cfg, **where), kept_frames=lambda: self.kept_frames,
+            event=self._event, kept_event=self._kept_event, reply=self.handlers.reply,
+            command_reply=self.command_reply, wake=self._wake.set,
+            release_free_memory=release_free_memory,
+        ))
 
     # --- setup ---
 
@@ -439,8 +399,8 @@ class Agent:
             "commands": self.commands.stats(),
             "feedback": self.feedback_loop.counts(),
             "version": __version__,
-            **self._settings_stats(),
-            **self._install_stats(),
+            **self.settings.stats(),
+            **self.rollout.stats(),
         }
 
     def _status_line(self) -> str:
@@ -454,14 +414,14 @@ class Agent:
 
     def run(self) -> int:
         try:
-            bundle = self._start_bundle()
+            bundle = self.rollout.start_bundle()
         except (BundleError, ImportError) as exc:
             logger.error("%s", exc)
             return EX_CONFIG
-        self._load_settings()
+        self.settings.load()
         self.scorer = self.make_scorer(bundle)
         logger.info("model %s (manifest sha256 %s), threshold %.6f (%s)", bundle.name, bundle.manifest_sha256[:12],
-                    self.scorer.threshold, self.effective_settings().threshold_source)
+                    self.scorer.threshold, self.settings.effective().threshold_source)
         logger.info("model version %s, %s", bundle.version, f"signed by {bundle.signer['name']} (key id "
                     f"{bundle.signer['key_id']})" if bundle.signer else "no verified signature")
         self._install_signals()
@@ -470,8 +430,8 @@ class Agent:
         except ConfigError as exc:
             logger.error("cannot start: %s", exc)
             return EX_CONFIG
-        self._settings_start_events(bundle)
-        self._send_install_start_events()
+        self.settings.start_events(bundle)
+        self.rollout.send_start_events()
         try:
             self._loop()
         finally:
@@ -497,7 +457,7 @@ class Agent:
                 next_stats = now + cfg.mqtt.stats_interval_s
                 self._publish_stats()
             self.handlers.expire(now)
-            self._install_tick()
+            self.rollout.tick()  # a finished install / rollback switches in here, between two frames
             self.outbox.tick()  # a disk that refused writes is tried again when due
             if not self.outbox.has_room():
                 self._idle(IDLE_WAIT_S)  # backpressure: no frame is taken whose verdict could not be kept
@@ -506,7 +466,7 @@ class Agent:
                 self.source.ensure_open()  # keep the camera open between shots, and READY honest
                 self._idle(IDLE_WAIT_S)
                 continue
-            max_fps = self.effective_settings().max_fps  # each turn: cmd/set max_fps applies at once
+            max_fps = self.settings.effective().max_fps  # each turn: cmd/set max_fps applies at once
             if max_fps and now < last_frame + 1.0 / max_fps:
                 if self.source.live and self.source.up:
                     self.source.skip()  # keep draining the camera so the next inspected frame is current
@@ -600,7 +560,7 @@ class Agent:
         record = Recent(frame.frame_id, scorer.view, emb, result.nearest)  # view: nearest may be an extension row
         self.recent.append(record)
         self._gradcam_after_frame(record, result.verdict)
-        self._watch_frame(result.verdict == "anomaly")
+        self.rollout.watch_frame(result.verdict == "anomaly")
         return payload
 
     def _save_evidence(self, frame: Frame, payload: dict[str, Any]) -> bool:
@@ -649,7 +609,7 @@ class Agent:
         return ok, text, model_info(bundle) if bundle else None
 
     def gradcam_allowed(self) -> str | None:
-        if self.effective_settings().gradcam_policy == "off":
+        if self.settings.effective().gradcam_policy == "off":
             return ("the Grad-CAM policy is 'off' (gradcam.policy, or cmd/set gradcam_policy); send cmd/set "
                     '{"gradcam_policy": "on_command"} to allow this')
         return None
@@ -728,95 +688,11 @@ class Agent:
         """A scorer for ``bundle`` with this box's threshold, when one was set for this very model."""
         return Scorer(bundle, threshold=self.settings.threshold_for(bundle.manifest_sha256))
 
-    def effective_settings(self) -> Effective:
-        """What the box uses now (read from any thread: both attributes are replaced whole, never changed)."""
-        scorer = self.scorer
-        assert scorer is not None
-        return effective(self.settings, bundle_threshold=scorer.bundle.threshold,
-                         model_sha256=scorer.bundle.manifest_sha256, config_max_fps=self.cfg.capture.max_fps,
-                         config_gradcam_policy=self.cfg.gradcam.policy)
-
-    def _settings_stats(self) -> dict[str, Any]:
-        if self.scorer is None:
-            return {}
-        eff = self.effective_settings().as_dict()
-        return {"threshold": eff["threshold"], "settings": eff}
-
-    def _load_settings(self) -> None:
-        """settings.json at start; a damaged or unreadable one is reported, and the box runs on its config and
-        bundle values (the next cmd/set writes a good file over it)."""
-        self.settings, self._settings_problem = load_settings(self._settings_path)
-        if self._settings_problem:
-            logger.error("settings: %s; going on with the config's and the bundle's values (the next cmd/set "
-                         "replaces the file)", self._settings_problem)
-
-    def _settings_start_events(self, bundle: Bundle) -> None:
-        """Events for what _load_settings found, handed to the MQTT client to go out once it is connected."""
-        if self._settings_problem:
-            self.link.hand_over(event_message(self.topics, "settings_unreadable", utc_iso(),
-                                              path=str(self._settings_path), error=self._settings_problem))
-        self._threshold_dropped(bundle, hand_over=True)
-
-    def _threshold_dropped(self, bundle: Bundle, hand_over: bool = False) -> bool:
-        """Report a stored threshold that does not apply to ``bundle`` (set for another model); True if so."""
-        s = self.settings
-        if s.threshold is None or s.threshold_model == bundle.manifest_sha256:
-            return False
-        logger.warning("settings: the threshold %g was set for model %s, not for %s (%s) now in use: not applied",
-                       s.threshold, (s.threshold_model or "")[:12], bundle.name, bundle.manifest_sha256[:12])
-        detail = {"setting": "threshold", "value": s.threshold, "set_for": {"sha256": s.threshold_model},
-                  "model": {"name": bundle.name, "sha256": bundle.manifest_sha256},
-                  "reason": "set for another model; it applies again if that model comes back, or send cmd/set "
-                            "threshold for this one", "threshold": bundle.threshold}
-        if hand_over:
-            self.link.hand_over(event_message(self.topics, "setting_dropped", utc_iso(), **detail))
-        else:
-            self._event("setting_dropped", **detail)
-        return True
-
-    def settings_after_switch(self, old: Bundle) -> None:
-        """Call on the frame loop after ``self.scorer`` has been replaced by one from :meth:`make_scorer`
-        (reload, install, rollback): says whether the stored threshold still applies."""
-        assert self.scorer is not None
-        new = self.scorer.bundle
-        # a scorer kept from before (rollback) may carry an override the settings have changed since
-        self.scorer.threshold_override = self.settings.threshold_for(new.manifest_sha256)
-        if self._threshold_dropped(new):
-            return
-        if self.settings.threshold is not None and old.manifest_sha256 != new.manifest_sha256:
-            self._event("setting_applied", setting="threshold", value=self.settings.threshold,
-                        model={"name": new.name, "sha256": new.manifest_sha256})
-
     def change_settings(self, body: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
-        """cmd/set: check, save, apply at once. (ok, error, data with the effective settings)."""
-        assert self.scorer is not None
-        try:
-            changes = parse_changes(body)
-        except SettingsError as exc:
-            return False, str(exc), {"settings": self.effective_settings().as_dict()}
-        before = self.effective_settings()
-        new = apply_changes(self.settings, changes, self.scorer.bundle.manifest_sha256)
-        try:
-            save_settings(self._settings_path, new)
-        except (OSError, ValueError) as exc:
-            logger.error("settings: cannot save %s (%s); the settings stay as they were", self._settings_path, exc)
-            return False, (f"cannot save {self._settings_path} ({type(exc).__name__}: {exc}); nothing changed. "
-                           "Give storage.dir a writable folder with free space"), {"settings": before.as_dict()}
-        old_settings, self.settings = self.settings, new
-        self.scorer.threshold_override = new.threshold_for(self.scorer.bundle.manifest_sha256)
-        self._settings_problem = None
-        after = self.effective_settings()
-        changed = differences(before, after)
-        if new != old_settings:
-            logger.info("settings changed: %s", changed or "stored values only")
-            self._event("settings_changed", changed=changed, settings=after.as_dict())
-        return True, None, {"settings": after.as_dict(), "changed": changed}
+        return self.settings.change(body)
 
     def settings_report(self) -> dict[str, Any]:
-        """cmd/get: the effective settings, where each comes from, and what is stored."""
-        stored = self.settings.to_json()
-        stored.pop("format")
-        return {"settings": self.effective_settings().as_dict(), "stored": stored}
+        return self.settings.report()
 
     def _reload(self, why: str, force: bool = False) -> tuple[bool, str]:
         """Load the bundle again; on any problem keep the current one. Returns (ok, message).
@@ -856,8 +732,8 @@ class Agent:
         logger.info("reload (%s): model %s (%s) replaces %s (%s)", why, bundle.name, bundle.manifest_sha256[:12],
                     old.name, old.manifest_sha256[:12])
         self._event("reloaded", model=model_info(bundle))
-        self.settings_after_switch(old)
-        self._after_reload(old)
+        self.settings.after_switch(old)
+        self.rollout.after_reload(old)
         discovery = self._discovery()
         if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
             self.link.publish(discovery)
@@ -873,7 +749,7 @@ class Agent:
 
     def _gradcam_after_frame(self, record: Recent, verdict: str) -> None:
         answered = self.handlers.after_frame(record)
-        if not answered and verdict == "anomaly" and self.effective_settings().gradcam_policy == "every_anomaly":
+        if not answered and verdict == "anomaly" and self.settings.effective().gradcam_policy == "every_anomaly":
             self._gradcam_jpeg(record)
 
     def _gradcam_jpeg(self, record: Recent) -> tuple[bytes | None, str]:
@@ -896,339 +772,25 @@ class Agent:
         self.link.publish(gradcam_message(self.topics, jpeg, record.frame_id))  # under the verdict's id
         return jpeg, ""
 
-    # --- bundles installed over MQTT (cmd/install, cmd/rollback; agent.install) ---
-    #
-    # Chunks are taken on this thread (a few ms each); the last one starts a worker thread that joins, checks,
-    # stages, loads and shadow-scores the bundle with its own interpreter. The worker never touches
-    # self.scorer: it hands a ready Scorer back through self._job_results, and _install_tick switches it in
-    # between two frames, so verdicts keep flowing and none is lost.
-
-    def _start_bundle(self) -> Bundle:
-        """The bundle to start with: the installed one (installed.json) when it still loads and the config's
-        bundle is the one it was installed over, else cfg.bundle (with an install_fallback event). Raises
-        BundleError / ImportError when cfg.bundle does not load either (exit 78)."""
-        cfg = self.cfg
-        state, problem = read_installed(self._bundles)
-        why = problem
-        if state is not None and state.config_bundle not in (None, cfg.bundle):
-            why = (f"the config's bundle changed since the install (was {state.config_bundle}, now {cfg.bundle}): "
-                   "the config wins")
-        elif state is not None:
-            try:
-                bundle = load_agent_bundle(cfg, path=state.current)
-            except (BundleError, ImportError) as exc:
-                why = f"the installed bundle {state.current} no longer loads: {exc}"
-            else:
-                self._installed = state
-                logger.info("installed bundle %s in use (installed.json); previous: %s", state.current, state.previous)
-                return bundle
-        bundle = load_agent_bundle(cfg)
-        if why:
-            logger.error("%s; starting with bundle %s", why, cfg.bundle)
-            self._install_start_events.append(("install_fallback", {
-                "error": why, "bundle": cfg.bundle, "installed": str(state.current) if state else None}))
-            if state is not None:  # the installed one stays reachable with cmd/rollback
-                self._save_installed(Installed(Path(cfg.bundle), state.current, cfg.bundle))
-        return bundle
-
-    def _send_install_start_events(self) -> None:
-        for name, detail in self._install_start_events:
-            self.link.hand_over(event_message(self.topics, name, utc_iso(), **detail))
-        self._install_start_events.clear()
-        with contextlib.suppress(OSError):
-            self._reassembler.clear_leftovers()
-
-    def _save_installed(self, state: Installed) -> str | None:
-        """Write installed.json; None, or why it could not be written (the switch stands, a restart would not
-        find it)."""
-        try:
-            write_installed(self._bundles, state)
-        except OSError as exc:
-            logger.error("cannot write %s/%s (%s); a restart goes back to the config's bundle", self._bundles,
-                         INSTALLED_FILE, exc)
-            return f"{INSTALLED_FILE} not written ({exc}); a restart would go back to {self.cfg.bundle}"
-        self._installed = state
-        return None
-
-    def _install_stats(self) -> dict[str, Any]:
-        t = self._reassembler.current  # read once each: the loop may replace them meanwhile (stats thread)
-        state = self._installed
-        w = self._watch
-        return {"groups": list(self.cfg.fleet.groups), "install": {
-            "transfer": t.describe() if t else None,
-            "job": self._job_kind,
-            "watch": {"frames": w.frames, "seen": w.seen, "anomalies": w.anomalies} if w else None,
-            "previous": str(state.previous) if state and state.previous else None,
-        }}
-
-    def _install_refusal(self) -> str | None:
-        """Why this box takes no install at all (its config), or None."""
-        f = self.cfg.fleet
-        if f.install == "off":
-            return ("fleet.install is 'off' on this box: bundles are not installed over MQTT; set fleet.install: "
-                    "signed (or any) in its config")
-        if f.install == "signed" and not self.cfg.bundle_trust.public_keys:
-            return ("fleet.install is 'signed' but bundle_trust.public_keys is empty, so no signature can be checked; "
-                    "add the signing key's .pub to bundle_trust.public_keys (or set fleet.install: any)")
-        return None
+    # --- bundles installed over MQTT (cmd/install, cmd/rollback; agent.rollout) ---
 
     def install_chunk(self, pending: Pending) -> str | None:
-        body = pending.command.body
-        if self._reassembler.is_over(body["transfer"]):
-            return None  # a late chunk of a transfer that is over: its answer was given
-        refusal = self._install_refusal()
-        if refusal:
-            self._reassembler.refuse(body["transfer"])  # one answer per transfer, not one per chunk
-            self._install_refused(refusal, transfer=body["transfer"])
-            return refusal
-        try:
-            res = self._reassembler.add(body, pending.command.request_id)
-        except InstallError as exc:
-            self._install_refused(str(exc), transfer=body.get("transfer"))
-            return str(exc)
-        except OSError as exc:
-            current = self._reassembler.current
-            if current is not None:
-                self._reassembler.drop(current)
-            text = (f"cannot store the chunk under {self._bundles} ({type(exc).__name__}: {exc}); free disk space in "
-                    "storage.dir and push again")
-            self._install_refused(text, transfer=body.get("transfer"))
-            return text
-        if res.replaced is not None:
-            self._transfer_failed(res.replaced, f"replaced by transfer {body['transfer']} before it was complete")
-        t = res.transfer
-        if t is None:
-            return None  # a late chunk of a transfer that is over: its answer was given
-        if not t.announced:
-            t.announced = True
-            self._event("install_started", transfer=t.transfer, chunks=t.chunks, bytes=t.total, sha256=t.sha256,
-                        force=t.force, shadow=t.shadow, model=model_info(self.scorer.bundle if self.scorer else None))
-        if res.status != "complete":
-            return None
-        if self._job_kind is not None:
-            remove_tree(t.folder)
-            text = f"busy: an {self._job_kind} is running on this box; push again once it has answered"
-            self._install_refused(text, transfer=t.transfer)
-            return text
-        assert self.scorer is not None
-        frames = list(self.kept_frames)[-self.cfg.fleet.shadow_frames:] if self.cfg.fleet.shadow_frames else []
-        pending.held = True
-        self._start_job("install", pending, self._install_job, t, self.scorer.bundle, frames if t.shadow else [])
-        return None
+        return self.rollout.install_chunk(pending)
 
     def rollback_bundle(self, pending: Pending) -> str | None:
-        if self._job_kind is not None:
-            return f"busy: an {self._job_kind} is running on this box; send cmd/rollback again once it has answered"
-        if self._watch_from is not None:  # still watching a new bundle: the old one is at hand, switch now
-            self._roll_back(self._watch_from, "cmd/rollback", pending)
-            return None
-        state = self._installed
-        if state is None or state.previous is None:
-            return "no previous bundle to go back to: nothing was installed on this box (cmd/install)"
-        if not state.previous.is_dir():
-            return f"the previous bundle {state.previous} is gone from the disk; install the bundle wanted instead"
-        pending.held = True
-        self._start_job("rollback", pending, self._rollback_job, state.previous)
-        return None
+        return self.rollout.rollback_bundle(pending)
 
-    def _start_job(self, kind: str, pending: Pending, target: Any, *args: Any) -> None:
-        self._job_kind = kind
-        worker = threading.Thread(target=self._run_job, args=(kind, pending, target, args), name=f"yugami-{kind}",
-                                  daemon=True)
-        worker.start()
-
-    def _run_job(self, kind: str, pending: Pending, target: Any, args: tuple[Any, ...]) -> None:
-        """Worker thread: whatever happens, one outcome goes back to the frame loop."""
-        try:
-            outcome = target(*args)
-        except Exception as exc:  # an install must never take the service down
-            logger.exception("%s failed unexpectedly", kind)
-            outcome = JobOutcome(kind, ok=False, error=f"{kind} failed: {type(exc).__name__}: {exc}")
-        outcome.pending = pending
-        self._job_results.put(outcome)
-        self._wake.set()
-
-    def _install_job(self, t: Transfer, current: Bundle, frames: list[KeptFrame]) -> JobOutcome:
-        """Worker thread: join, check, stage, load, verify, shadow-score, gate."""
-        times: dict[str, float] = {"receive_s": round(time.monotonic() - t.started, 3)}
-        t0 = time.monotonic()
-        staged: Path | None = None
-        shadow: Shadow | None = None
-        try:
-            staged = stage(t, self._bundles, self.cfg.fleet.max_bundle_bytes)
-            times["stage_s"] = round(time.monotonic() - t0, 3)
-            t1 = time.monotonic()
-            bundle = load_agent_bundle(self.cfg, path=staged, current=current, force=t.force)
-            if self.cfg.fleet.install == "signed" and bundle.signer is None:
-                raise InstallError(f"bundle {bundle.name} {bundle.version} carries no verified signature and "
-                                   "fleet.install is 'signed'; sign it with yugami-keys sign BUNDLE --key KEY")
-            if bundle.manifest_sha256 == current.manifest_sha256:  # pushed to a box that runs it: nothing to do
-                if not self._protected(staged):
-                    remove_tree(staged)
-                return JobOutcome("install", ok=True, transfer=t, times=times)
-            scorer = self.make_scorer(bundle)
-            times["verify_s"] = round(time.monotonic() - t1, 3)
-            self._event("install_verified", transfer=t.transfer, model=model_info(bundle), folder=staged.name)
-            t2 = time.monotonic()
-            shadow = shadow_score(lambda image: scorer.score(image)[0].verdict, frames)
-            times["shadow_s"] = round(time.monotonic() - t2, 3)
-            self._event("install_shadow", transfer=t.transfer, model=model_info(bundle), shadow=shadow.as_dict(),
-                        max_anomaly_share=self.cfg.fleet.max_anomaly_share)
-            problem = gate_problem(shadow, self.cfg.fleet.max_anomaly_share)
-            if problem:
-                raise InstallError(problem)
-        except (InstallError, BundleError, ImportError, OSError) as exc:
-            if staged is not None and not self._protected(staged):
-                remove_tree(staged)
-            return JobOutcome("install", ok=False, error=str(exc), transfer=t, shadow=shadow, times=times)
-        times["total_s"] = round(time.monotonic() - t.started, 3)
-        return JobOutcome("install", ok=True, scorer=scorer, path=staged, transfer=t, shadow=shadow, times=times)
-
-    def _rollback_job(self, previous: Path) -> JobOutcome:
-        """Worker thread: load the previous bundle (an older version by nature: forced; trust still applies)."""
-        try:
-            bundle = load_agent_bundle(self.cfg, path=previous, force=True)
-            scorer = self.make_scorer(bundle)
-        except (BundleError, ImportError) as exc:
-            return JobOutcome("rollback", ok=False, error=f"the previous bundle {previous} does not load: {exc}")
-        return JobOutcome("rollback", ok=True, scorer=scorer, path=previous)
-
-    def _protected(self, path: Path) -> bool:
-        keep = {self.scorer.bundle.path if self.scorer else None}
-        if self._installed is not None:
-            keep |= {self._installed.current, self._installed.previous}
-        return any(p is not None and Path(p).resolve() == path.resolve() for p in keep)
-
-    def _install_tick(self) -> None:
-        """Each loop turn: apply a finished job, drop a stalled transfer."""
-        while True:
-            try:
-                outcome = self._job_results.get_nowait()
-            except queue.Empty:
-                break
-            self._job_kind = None
-            if outcome.kind == "install":
-                self._install_done(outcome)
-            elif outcome.ok:
-                assert outcome.scorer is not None
-                self._roll_back(outcome.scorer, "cmd/rollback", outcome.pending)
-            else:
-                self._event("rollback_refused", error=outcome.error,
-                            model=model_info(self.scorer.bundle if self.scorer else None))
-                self._answer(outcome.pending, ok=False, error=outcome.error)
-        stalled = self._reassembler.expire()
-        if stalled is not None:
-            self._transfer_failed(stalled, f"transfer stalled: {len(stalled.received)} of {stalled.chunks} chunks "
-                                           f"came, none for {self._reassembler.stall_s:g} s; push again")
-
-    def _answer(self, pending: Pending | None, ok: bool, error: str | None = None, **data: Any) -> None:
-        if pending is not None:
-            self.handlers.reply(pending, ok=ok, error=error, **data)
-
-    def _transfer_failed(self, t: Transfer, error: str) -> None:
-        """A transfer that ended without its last chunk: its sender hears why (no reply slot was held)."""
-        self._install_refused(error, transfer=t.transfer)
-        self.command_reply("install", t.request_id, False, error, {"transfer": t.transfer})
-
-    def _install_refused(self, error: str, transfer: Any = None, shadow: Shadow | None = None) -> None:
-        logger.error("install refused: %s", error)
-        self._event("install_refused", transfer=transfer, error=error,
-                    shadow=shadow.as_dict() if shadow else None,
-                    model=model_info(self.scorer.bundle if self.scorer else None))
-
-    def _install_done(self, outcome: JobOutcome) -> None:
-        """Frame loop: switch to an installed bundle (or report why not) and answer the last chunk."""
-        assert self.scorer is not None
-        t = outcome.transfer
-        shadow = outcome.shadow.as_dict() if outcome.shadow else None
-        tid = t.transfer if t else None
-        if not outcome.ok:
-            self._install_refused(outcome.error or "refused", transfer=tid, shadow=outcome.shadow)
-            self._answer(outcome.pending, ok=False, error=outcome.error, transfer=tid,
-                         model=model_info(self.scorer.bundle), shadow=shadow, times=outcome.times)
-            return
-        if outcome.scorer is None:  # the very bundle in use
-            self._event("installed", transfer=tid, model=model_info(self.scorer.bundle), unchanged=True)
-            self._answer(outcome.pending, ok=True, model=model_info(self.scorer.bundle), unchanged=True,
-                         transfer=tid, times=outcome.times)
-            return
-        assert outcome.path is not None
-        old_scorer = self.scorer
-        old = old_scorer.bundle
-        self._switch_scorer(outcome.scorer, "install")
-        new = outcome.scorer.bundle
-        problem = self._save_installed(Installed(outcome.path, old.path, self.cfg.bundle))
-        watch = self.cfg.fleet.watch_frames
-        self._end_watch()
-        if watch:
-            self._watch, self._watch_from = Watch(watch, self.cfg.fleet.max_anomaly_share), old_scorer
-        removed = prune(self._bundles, self.cfg.fleet.keep_bundles, [outcome.path, old.path])
-        for path in removed:
-            logger.info("removed the old installed bundle %s (fleet.keep_bundles)", path)
-        del old_scorer
-        if not watch:
-            release_free_memory()
-        logger.info("installed %s %s (%s), replacing %s %s", new.name, new.version, new.manifest_sha256[:12], old.name,
-                    old.version)
-        detail = {"transfer": tid, "model": model_info(new), "previous": model_info(old), "shadow": shadow,
-                  "watch_frames": watch, "times": outcome.times}
-        if problem:
-            detail["warning"] = problem
-        self._event("installed", **detail)
-        self._answer(outcome.pending, ok=True, **detail)
-
-    def _switch_scorer(self, scorer: Scorer, why: str) -> None:
+    def _switch_scorer(self, scorer: Scorer) -> None:
         """Frame loop, between two frames: the one place an installed or rolled-back bundle goes in."""
         assert self.scorer is not None
         old = self.scorer.bundle
         self.scorer = scorer
         self.recent.clear()  # cached embeddings belong to the old model
-        self.settings_after_switch(old)
+        self.settings.after_switch(old)
         discovery = self._discovery()
         if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
             self.link.publish(discovery)
         self.notifier.status(self._status_line())
-
-    def _roll_back(self, scorer: Scorer, reason: str, pending: Pending | None) -> None:
-        """Frame loop: back to ``scorer``'s bundle (the previous one); it becomes current, the one left previous."""
-        assert self.scorer is not None
-        old = self.scorer.bundle
-        self._end_watch()
-        self._switch_scorer(scorer, "rollback")
-        new = scorer.bundle
-        problem = self._save_installed(Installed(new.path, old.path, self.cfg.bundle))
-        release_free_memory()
-        logger.warning("rolled back from %s %s to %s %s: %s", old.name, old.version, new.name, new.version, reason)
-        detail = {"reason": reason, "model": model_info(new), "from": model_info(old)}
-        if problem:
-            detail["warning"] = problem
-        self._event("rolled_back", **detail)
-        self._answer(pending, ok=True, **detail)
-
-    def _after_reload(self, old: Bundle) -> None:
-        """cmd/reload or SIGHUP loaded cfg.bundle over an installed one: that is the operator's choice, so it
-        becomes current (the one left stays for cmd/rollback) and a watch in progress ends."""
-        self._end_watch()
-        if self._installed is not None and self.scorer is not None:
-            self._save_installed(Installed(self.scorer.bundle.path, old.path, self.cfg.bundle))
-
-    def _end_watch(self) -> None:
-        self._watch = None
-        self._watch_from = None
-
-    def _watch_frame(self, anomaly: bool) -> None:
-        """After each verdict: the first fleet.watch_frames after a switch decide whether it stays."""
-        if self._watch is None:
-            return
-        verdict = self._watch.add(anomaly)
-        if verdict == "failed" and self._watch_from is not None:
-            self._roll_back(self._watch_from, self._watch.reason(), None)
-        elif verdict == "passed":
-            logger.info("the new bundle passed its watch (%d of %d frames anomalous)", self._watch.anomalies,
-                        self._watch.seen)
-            self._end_watch()
-            release_free_memory()  # the previous bundle's interpreter is no longer kept at hand
-
 
     # --- stop ---
 

@@ -9,7 +9,8 @@ scale), so it is stored with that model's manifest sha256 and applies only while
 Under another model it stays stored but is not applied; it applies again if its model comes back (a
 rollback), and a new ``cmd/set threshold`` replaces it.
 
-Everything here is pure apart from :func:`load_settings` and :func:`save_settings`.
+Everything here is pure apart from :func:`load_settings`, :func:`save_settings` and :class:`BoxSettings`,
+which keeps them for the service (start, cmd/set, cmd/get, a new scorer) and reports what changed.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.patches import finite_number
+
+if TYPE_CHECKING:
+    from agent.bundle import Bundle
+    from agent.config import AgentConfig
+    from agent.scoring import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -237,3 +244,118 @@ def save_settings(path: Path, settings: Settings) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- the settings of a running box ---
+
+
+class BoxSettings:
+    """The settings a running box keeps: read at start, changed by cmd/set, applied to each new scorer.
+
+    ``scorer`` gives the scorer in use (its bundle's threshold is the default, its ``threshold_override`` is set
+    here); ``event`` publishes an event, ``kept_event`` hands one to the MQTT client before the broker is up.
+    Frame-loop thread, except :meth:`effective` and :meth:`stats` (any thread: the stored settings and the
+    scorer are replaced whole, never changed)."""
+
+    def __init__(self, cfg: AgentConfig, scorer: Callable[[], Scorer | None], event: Callable[..., None],
+                 kept_event: Callable[..., None]) -> None:
+        self.cfg = cfg
+        self.stored = Settings()  # cmd/set overrides, persisted in <storage_dir>/settings.json
+        self.path = settings_path(cfg.storage_dir)
+        self.problem: str | None = None  # why settings.json could not be used at start
+        self._scorer = scorer
+        self._event = event
+        self._kept_event = kept_event
+
+    def load(self) -> None:
+        """settings.json at start; a damaged or unreadable one is reported, and the box runs on its config and
+        bundle values (the next cmd/set writes a good file over it)."""
+        self.stored, self.problem = load_settings(self.path)
+        if self.problem:
+            logger.error("settings: %s; going on with the config's and the bundle's values (the next cmd/set "
+                         "replaces the file)", self.problem)
+
+    def start_events(self, bundle: Bundle) -> None:
+        """Events for what :meth:`load` found, handed to the MQTT client to go out once it is connected."""
+        if self.problem:
+            self._kept_event("settings_unreadable", path=str(self.path), error=self.problem)
+        self._threshold_dropped(bundle, kept=True)
+
+    def threshold_for(self, model_sha256: str) -> float | None:
+        """The threshold a new scorer for this model gets, or None (the bundle's)."""
+        return self.stored.threshold_for(model_sha256)
+
+    def effective(self) -> Effective:
+        """What the box uses now."""
+        scorer = self._scorer()
+        assert scorer is not None
+        return effective(self.stored, bundle_threshold=scorer.bundle.threshold,
+                         model_sha256=scorer.bundle.manifest_sha256, config_max_fps=self.cfg.capture.max_fps,
+                         config_gradcam_policy=self.cfg.gradcam.policy)
+
+    def stats(self) -> dict[str, Any]:
+        """The stats' "threshold" and "settings" entries; none before there is a scorer."""
+        if self._scorer() is None:
+            return {}
+        eff = self.effective().as_dict()
+        return {"threshold": eff["threshold"], "settings": eff}
+
+    def _threshold_dropped(self, bundle: Bundle, kept: bool = False) -> bool:
+        """Report a stored threshold that does not apply to ``bundle`` (set for another model); True if so."""
+        s = self.stored
+        if s.threshold is None or s.threshold_model == bundle.manifest_sha256:
+            return False
+        logger.warning("settings: the threshold %g was set for model %s, not for %s (%s) now in use: not applied",
+                       s.threshold, (s.threshold_model or "")[:12], bundle.name, bundle.manifest_sha256[:12])
+        detail = {"setting": "threshold", "value": s.threshold, "set_for": {"sha256": s.threshold_model},
+                  "model": {"name": bundle.name, "sha256": bundle.manifest_sha256},
+                  "reason": "set for another model; it applies again if that model comes back, or send cmd/set "
+                            "threshold for this one", "threshold": bundle.threshold}
+        (self._kept_event if kept else self._event)("setting_dropped", **detail)
+        return True
+
+    def after_switch(self, old: Bundle) -> None:
+        """Call on the frame loop once the scorer in use has been replaced by one made with :meth:`threshold_for`
+        (reload, install, rollback): says whether the stored threshold still applies."""
+        scorer = self._scorer()
+        assert scorer is not None
+        new = scorer.bundle
+        # a scorer kept from before (rollback) may carry an override the settings have changed since
+        scorer.threshold_override = self.stored.threshold_for(new.manifest_sha256)
+        if self._threshold_dropped(new):
+            return
+        if self.stored.threshold is not None and old.manifest_sha256 != new.manifest_sha256:
+            self._event("setting_applied", setting="threshold", value=self.stored.threshold,
+                        model={"name": new.name, "sha256": new.manifest_sha256})
+
+    def change(self, body: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+        """cmd/set: check, save, apply at once. (ok, error, data with the effective settings)."""
+        scorer = self._scorer()
+        assert scorer is not None
+        try:
+            changes = parse_changes(body)
+        except SettingsError as exc:
+            return False, str(exc), {"settings": self.effective().as_dict()}
+        before = self.effective()
+        new = apply_changes(self.stored, changes, scorer.bundle.manifest_sha256)
+        try:
+            save_settings(self.path, new)
+        except (OSError, ValueError) as exc:
+            logger.error("settings: cannot save %s (%s); the settings stay as they were", self.path, exc)
+            return False, (f"cannot save {self.path} ({type(exc).__name__}: {exc}); nothing changed. "
+                           "Give storage.dir a writable folder with free space"), {"settings": before.as_dict()}
+        old_settings, self.stored = self.stored, new
+        scorer.threshold_override = new.threshold_for(scorer.bundle.manifest_sha256)
+        self.problem = None
+        after = self.effective()
+        changed = differences(before, after)
+        if new != old_settings:
+            logger.info("settings changed: %s", changed or "stored values only")
+            self._event("settings_changed", changed=changed, settings=after.as_dict())
+        return True, None, {"settings": after.as_dict(), "changed": changed}
+
+    def report(self) -> dict[str, Any]:
+        """cmd/get: the effective settings, where each comes from, and what is stored."""
+        stored = self.stored.to_json()
+        stored.pop("format")
+        return {"settings": self.effective().as_dict(), "stored": stored}
