@@ -149,8 +149,10 @@ class FeedbackStore:
         return sorted(self._entries.values(), key=lambda e: (e.ts, e.frame_id))
 
     def counts(self) -> dict[str, int]:
+        """Labels kept, by label. Any thread (stats, metrics, the MQTT client's on-connect): the values are
+        copied in one step first, as the frame loop may add or drop an entry meanwhile."""
         out = dict.fromkeys(LABELS, 0)
-        for e in self._entries.values():
+        for e in tuple(self._entries.values()):
             out[e.label] += 1
         return out
 
