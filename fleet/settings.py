@@ -16,9 +16,10 @@ import math
 import sys
 from typing import Any
 
-from fleet.mqtt import BrokerError, Results, add_broker_arguments, close, connect, describe
+from fleet.mqtt import BrokerError, add_broker_arguments, close, connect, describe, request
 
-GRADCAM_POLICIES = ("off", "on_command", "every_anomaly")  # as agent.settings.GRADCAM_POLICIES
+# agent.settings.GRADCAM_POLICIES, copied (importing agent.settings loads numpy); a test keeps them equal
+GRADCAM_POLICIES = ("off", "on_command", "every_anomaly")
 
 
 def _finite(text: str) -> float:
@@ -105,16 +106,6 @@ def format_table(answers: dict[str, dict[str, Any] | None]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table)
 
 
-def send(client: Any, prefix: str, devices: list[str], body: dict[str, Any],
-         timeout: float) -> dict[str, dict[str, Any] | None]:
-    """cmd/set with ``body`` (cmd/get when empty) to every box; box -> its answer or None."""
-    name = "set" if body else "get"
-    with Results(client, prefix, name) as results:
-        for device in devices:
-            results.send(device, body)
-        return results.wait(timeout, devices)
-
-
 def run(args: argparse.Namespace) -> int:
     devices = list(dict.fromkeys(args.device))  # each box once, in the order given
     body = changes_of(args)
@@ -124,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"yugami-fleet set: {exc}", file=sys.stderr)
         return 1
     try:
-        answers = send(client, args.prefix, devices, body, max(0.0, args.timeout))
+        # cmd/set with the changes; with none, cmd/get (what each box uses now)
+        answers = request(client, args.prefix, devices, "set" if body else "get", body,
+                          timeout=max(0.0, args.timeout))
     except BrokerError as exc:
         print(f"yugami-fleet set: {exc}", file=sys.stderr)
         return 1

@@ -28,7 +28,10 @@ def fleet(*argv: str) -> subprocess.CompletedProcess:
 def test_the_options_make_the_body() -> None:
     import argparse
 
-    from fleet.settings import add_arguments
+    from agent import settings as box_settings
+    from fleet.settings import GRADCAM_POLICIES, add_arguments
+
+    assert GRADCAM_POLICIES == box_settings.GRADCAM_POLICIES  # the CLI's copy (no numpy at start) is the box's list
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
