@@ -370,13 +370,21 @@ def stage(t: Transfer, bundles: Path, max_bytes: int) -> Path:
         remove_tree(t.folder)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a file or folder; nothing there is no error."""
-    with contextlib.suppress(FileNotFoundError):
+def remove_tree(path: Path) -> bool:
+    """Remove a file or folder; nothing there is no error. Clean-up, also on the frame loop (a stalled or
+    replaced transfer, old bundles after a switch): a disk that refuses (read-only, I/O error) is logged and the
+    thing left there, never raised. True when it is gone."""
+    try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("cannot remove %s (%s); left on the disk", path, exc)
+        return False
+    return True
 
 
 # --- shadow scoring and the health gate ---------------------------------------------------------------
@@ -547,7 +555,4 @@ def prune(bundles: Path, keep: int, protect: Iterable[Path | None]) -> list[Path
         return []
     others = sorted((p for p in folders if p.resolve() not in kept), key=lambda p: p.stat().st_mtime, reverse=True)
     room = max(0, keep - len([p for p in folders if p.resolve() in kept]))
-    removed = others[room:]
-    for p in removed:
-        remove_tree(p)
-    return removed
+    return [p for p in others[room:] if remove_tree(p)]
