@@ -24,6 +24,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.install import MAX_INSTALL_COMMAND_BYTES, check_install_body  # standard library only, like this module
+
 logger = logging.getLogger(__name__)
 
 COMMAND_QUEUE_MAX = 256  # replies owed (queued or waiting for the next frame) at most
@@ -124,8 +126,6 @@ def _check_feedback_list(body: dict[str, Any]) -> str | None:
 
 
 def _check_install(body: dict[str, Any]) -> str | None:
-    from agent.install import check_install_body  # pure; imported here to keep this module's deps few
-
     return check_install_body(body)
 
 
@@ -210,7 +210,7 @@ def _run_feedback_undo(h: CommandHandlers, p: Pending) -> None:
     h.feedback_undo(p)
 
 
-INSTALL_MAX_BYTES = 4 * ((256 * 1024 + 2) // 3) + 4096  # agent.install.MAX_INSTALL_COMMAND_BYTES: a chunk in base64
+INSTALL_MAX_BYTES = MAX_INSTALL_COMMAND_BYTES  # a chunk in base64 plus its envelope, as yugami-fleet push cuts it
 
 TABLE: dict[str, CommandSpec] = {
     "trigger": CommandSpec("trigger", _no_check, _never, _run_trigger),
