@@ -134,14 +134,3 @@ def run(args: argparse.Namespace) -> int:
               f"(broker {describe(args)})", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fleet.settings``: the same as ``yugami-fleet set``."""
-    parser = argparse.ArgumentParser(prog="yugami-fleet set", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -249,14 +249,3 @@ def run(args: argparse.Namespace) -> int:
               f"{args.wait:g} s; check --broker and --prefix (the boxes' mqtt.topic_prefix)", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fleet.status``: the same as ``yugami-fleet status``."""
-    parser = argparse.ArgumentParser(prog="yugami-fleet status", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

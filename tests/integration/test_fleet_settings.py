@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fleet.cli import main as fleet_main
 from fleet.settings import changes_of, format_table
-from fleet.settings import main as set_main
 from tests.builders import plain_part_images
 from tests.integration.conftest import ROOT, Recorder, base_config, wait_until, write_images
 
@@ -76,7 +76,7 @@ def test_fleet_set_changes_each_box_and_prints_its_answer(tmp_path: Path, mosqui
     assert answer["cmd"] == "get" and answer["settings"]["threshold"] == {"value": 0.0, "source": "set"}
 
     # Cleared on one box; then a box that is not there: named, exit 1, the others still apply it.
-    assert set_main(["--device", "cam1", "--clear-threshold", "--broker", broker]) == 0
+    assert fleet_main(["set", "--device", "cam1", "--clear-threshold", "--broker", broker]) == 0
     missing = fleet("set", "--device", "cam1", "cam9", "--gradcam-policy", "off", "--timeout", "3", "--broker", broker)
     assert missing.returncode == 1
     assert "no answer" in missing.stdout and "cam9" in missing.stderr

@@ -20,8 +20,8 @@ DEMO_BUNDLE = ROOT / "models" / "demo"
 
 
 def fleet_status(port: int, *extra: str) -> subprocess.CompletedProcess[str]:
-    """`yugami-fleet status` in its own process (python -m fleet.status is the same code)."""
-    return subprocess.run([sys.executable, "-m", "fleet.status", "--broker", f"127.0.0.1:{port}", *extra],
+    """`yugami-fleet status` in its own process."""
+    return subprocess.run([sys.executable, "-m", "fleet.cli", "status", "--broker", f"127.0.0.1:{port}", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
