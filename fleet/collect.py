@@ -39,6 +39,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from agent.collect import LABELS, MAX_FETCH_BYTES, file_name_problem, parse_time
+from agent.mqtt import utc_iso
 from fleet import mqtt as fm
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def parse_since(text: str, now: float | None = None) -> str:
         except ValueError:
             raise ValueError(f"--since {text!r}: give an ISO 8601 time (2026-01-31T12:00:00Z) or an age "
                              "(30m, 12h, 7d)") from None
-    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso(t)
 
 
 def parse_labels(text: str) -> list[str]:
