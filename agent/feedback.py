@@ -26,7 +26,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from agent.mqtt import utc_iso
 from agent.patches import PatchBank
 from agent.preprocess import ImageError
 from agent.scoring import ExtraBanks, Scorer
+from agent.storage import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +123,6 @@ def read_entries(storage_dir: str | Path) -> list[FeedbackEntry]:
     return sorted(entries, key=lambda e: (e.ts, e.frame_id))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class FeedbackStore:
     """The labelled frames on disk, at most ``max_frames`` (the oldest label goes first)."""
 
@@ -168,8 +161,8 @@ class FeedbackStore:
             ok, png = cv2.imencode(".png", image)
             if not ok:
                 raise OSError("OpenCV could not encode the frame as PNG")
-            _write_atomic(png_path, png.tobytes())
-        _write_atomic(meta_path, json.dumps(entry.as_dict(), indent=1).encode("utf-8"))
+            write_atomic(png_path, png.tobytes())
+        write_atomic(meta_path, json.dumps(entry.as_dict(), indent=1).encode("utf-8"))
         stored = dataclasses.replace(entry, files={png_path.name: png_path, meta_path.name: meta_path})
         self._entries.pop(entry.frame_id, None)
         self._entries[entry.frame_id] = stored
@@ -188,7 +181,7 @@ class FeedbackStore:
         updated = dataclasses.replace(entry, extension=extension)
         self._entries[frame_id] = updated
         try:
-            _write_atomic(self.dir / f"{frame_id}.json", json.dumps(updated.as_dict(), indent=1).encode("utf-8"))
+            write_atomic(self.dir / f"{frame_id}.json", json.dumps(updated.as_dict(), indent=1).encode("utf-8"))
         except OSError as exc:
             logger.warning("feedback: cannot update %s.json (%s)", frame_id, exc)
 
@@ -279,7 +272,7 @@ class BankExtension:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.path, buf.getvalue())
+        write_atomic(self.path, buf.getvalue())
 
     def load(self) -> None:
         """Read ``extension.npz`` if there is one; a damaged file is logged and left empty (``load_error``)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import io
 import json
@@ -529,19 +528,9 @@ def write_installed(bundles: Path, state: Installed) -> None:
     bundles.mkdir(parents=True, exist_ok=True)
     doc = {"current": _entry(bundles, state.current), "previous": _entry(bundles, state.previous),
            "config_bundle": state.config_bundle}
-    path = bundles / INSTALLED_FILE
-    tmp = bundles / f".{INSTALLED_FILE}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # the rename must reach the disk too; some file systems cannot sync a folder
-        fd = os.open(bundles, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    from agent.storage import write_atomic  # here: the rest of this module is standard library only
+
+    write_atomic(bundles / INSTALLED_FILE, (json.dumps(doc, indent=1) + "\n").encode("utf-8"), sync=True)
 
 
 def prune(bundles: Path, keep: int, protect: Iterable[Path | None]) -> list[Path]:

@@ -15,16 +15,15 @@ which keeps them for the service (start, cmd/set, cmd/get, a new scorer) and rep
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.patches import finite_number
+from agent.storage import write_atomic
 
 if TYPE_CHECKING:
     from agent.bundle import Bundle
@@ -228,22 +227,8 @@ def save_settings(path: Path, settings: Settings) -> None:
     """Write atomically (a temporary file beside it, flushed to disk, renamed over it): a crash or power cut
     leaves the old file or the new one, never half of one. Raises OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     data = (json.dumps(settings.to_json(), indent=1, allow_nan=False) + "\n").encode("utf-8")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # the rename itself must reach the disk too
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some file systems cannot sync a folder; the data is synced
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, data, sync=True)
 
 
 # --- the settings of a running box ---

@@ -119,9 +119,9 @@ class Evidence:
             if not self._room_for(size, payload):
                 return None
             folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(_suffixed(base, ext), data.tobytes())
+            write_atomic(_suffixed(base, ext), data.tobytes())
             # The JSON goes last: its presence marks a complete pair.
-            _write_atomic(_suffixed(base, ".json"), meta)
+            write_atomic(_suffixed(base, ".json"), meta)
         except (OSError, cv2.error) as exc:
             self.errors += 1
             logger.error("cannot save evidence for frame %s in %s: %s", payload.get("id"), folder, exc)
@@ -184,8 +184,22 @@ def _suffixed(base: Path, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, sync: bool = False) -> None:
+    """Write ``path`` through a temporary file beside it, renamed over it: a reader finds the old content or
+    the new, never half. ``sync``: the data, then the rename, are flushed to the disk as well, so a crash or
+    power cut also leaves one or the other (files read back at start: settings.json, installed.json).
+    Raises OSError."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if sync:
+        with contextlib.suppress(OSError):  # some file systems cannot sync a folder; the data is synced
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
