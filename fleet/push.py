@@ -129,7 +129,10 @@ def publish_all(client: Any, messages: list[tuple[str, dict[str, Any]]], timeout
         infos.append(info)
     deadline = time.monotonic() + timeout
     for info in infos:
-        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        try:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as exc:  # the connection dropped while the chunks were going out
+            raise BrokerError(f"sending the bundle's chunks failed: {exc}") from exc
         if not info.is_published():
             raise BrokerError(f"the broker did not take the bundle's chunks within {timeout:g} s")
 

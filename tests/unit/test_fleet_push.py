@@ -36,3 +36,18 @@ def test_rows_say_what_each_box_did() -> None:
 def test_group_members_come_from_the_boxes_stats() -> None:
     stats = {"a": {"groups": ["line-2"]}, "b": {"groups": ["line-1"]}, "c": {}}
     assert group_members(stats, "line-2") == ["a"]
+
+
+def test_a_failed_send_is_a_broker_error_not_a_traceback() -> None:
+    """paho's wait_for_publish raises RuntimeError when the message cannot go out: exit 1 with the reason."""
+    from unittest import mock
+
+    from fleet.mqtt import BrokerError
+    from fleet.push import publish_all
+
+    info = mock.Mock(rc=0)
+    info.wait_for_publish.side_effect = RuntimeError("Message publish failed: The client is not currently connected.")
+    client = mock.Mock()
+    client.publish.return_value = info
+    with pytest.raises(BrokerError, match="not currently connected"):
+        publish_all(client, [("yugami/cam-1/cmd/install", {"id": "x"})], timeout=1)
