@@ -36,6 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent.commands import FEEDBACK_LABELS
 from agent.mqtt import utc_iso
 from agent.patches import PatchBank
 from agent.preprocess import ImageError
@@ -46,8 +47,7 @@ logger = logging.getLogger(__name__)
 
 FEEDBACK_DIR = "feedback"
 EXTENSION_FILE = "extension.npz"
-LABELS = ("good", "defect")
-MAX_NOTE_CHARS = 1000
+LABELS = FEEDBACK_LABELS  # cmd/feedback checks its body against the same
 MAX_ID_CHARS = 200  # ".json" / ".png" and a temp prefix must still fit a 255-byte file name
 
 
