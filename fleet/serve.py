@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -236,20 +237,22 @@ def run(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
     if not 0 < args.port < 65536 or args.keep < 1 or args.rate_bin < 1 or args.rate_bins < 1:
-        print("yugami-fleet serve: --port must be 1..65535 and --keep, --rate-bin, --rate-bins at least 1")
+        print("yugami-fleet serve: --port must be 1..65535 and --keep, --rate-bin, --rate-bins at least 1",
+              file=sys.stderr)
         return 2
     store = ReviewStore(max_anomalies=args.keep, bin_s=args.rate_bin, bins=args.rate_bins)
     try:
         client = fleet_mqtt.connect(args, "serve")
         link = BrokerLink(client, args.prefix, store)
     except fleet_mqtt.BrokerError as exc:
-        print(f"yugami-fleet serve: {exc}")
+        print(f"yugami-fleet serve: {exc}", file=sys.stderr)
         return 1
     try:
         server = make_server(args.host, args.port, create_app(store, link), threaded=True)
     except OSError as exc:
         fleet_mqtt.close(client)
-        print(f"yugami-fleet serve: cannot listen on {args.host}:{args.port} ({exc}); choose another --port")
+        print(f"yugami-fleet serve: cannot listen on {args.host}:{args.port} ({exc}); choose another --port",
+              file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
     host = f"[{args.host}]" if ":" in args.host else args.host
