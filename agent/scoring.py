@@ -177,6 +177,12 @@ class Scorer:
         return self.bundle.threshold if self.threshold_override is None else self.threshold_override
 
     def embed(self, frame: np.ndarray, name: str = "frame") -> Embedding:
+        rgb = self._invoke(frame, name)
+        vector, fmap = self._read_embedding()
+        return Embedding(vector=vector, feature_map=fmap, rgb=rgb, patch_map=self._patch_map())
+
+    def _invoke(self, frame: np.ndarray, name: str) -> np.ndarray:
+        """Prepare the frame and run the model on it; the RGB picture the model saw."""
         b = self.bundle
         rgb = prepare_rgb(frame, b.preprocessing, name)
         if self._input_lut is not None:
@@ -184,8 +190,11 @@ class Scorer:
         else:
             b.model.set_input(scale_to_float(rgb, b.preprocessing))
         b.model.invoke()
-        vector, fmap = read_embedding(b.model, b.embedding, b.embedding_output, b.feature_map_output)
-        return Embedding(vector=vector, feature_map=fmap, rgb=rgb, patch_map=self._patch_map())
+        return rgb
+
+    def _read_embedding(self) -> tuple[np.ndarray, np.ndarray | None]:
+        b = self.bundle
+        return read_embedding(b.model, b.embedding, b.embedding_output, b.feature_map_output)
 
     def _patch_features(self) -> np.ndarray | None:
         """(cells, Dp) patch features of the frame last invoked, or None without patch scoring."""
@@ -208,11 +217,12 @@ class Scorer:
             np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(GeM embedding (D,), patch features (cells, Dp), each cell's distance to the bundle's own patch
         bank (cells,)) of a frame, prepared as every frame is: what agent.feedback adds to the banks."""
-        emb = self.embed(frame, name)
+        self._invoke(frame, name)  # not embed(): its patch map (bundle and extension banks) is not wanted here
+        vector, _ = self._read_embedding()
         features = self._patch_features()
         if features is None:
-            return emb.vector, None, None
-        return emb.vector, features, nearest_distances(features, self.bundle.patch_bank)
+            return vector, None, None
+        return vector, features, nearest_distances(features, self.bundle.patch_bank)
 
     def score_embedding(self, vector: np.ndarray) -> tuple[float, int]:
         scores, nearest = cosine_scores(vector, self._gem_bank)
