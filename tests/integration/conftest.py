@@ -166,6 +166,22 @@ class Recorder:
         self.client.loop_stop()
 
 
+@pytest.fixture()
+def recorders() -> Iterator[Callable[..., Recorder]]:
+    """Start Recorders (same arguments); every one is closed at the end of the test. A Recorder left open
+    keeps reconnecting under the same client id, and would take over the session of a later test's Recorder
+    whose broker got the same port."""
+    made: list[Recorder] = []
+
+    def start(*args: Any, **kwargs: Any) -> Recorder:
+        made.append(Recorder(*args, **kwargs))
+        return made[-1]
+
+    yield start
+    for rec in made:
+        rec.close()
+
+
 class AgentProcess:
     """``python -m agent.service --config FILE`` as a child process, its log in a file."""
 

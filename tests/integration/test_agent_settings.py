@@ -60,9 +60,9 @@ class Box:
 
 
 def test_a_threshold_set_over_mqtt_applies_at_once_and_survives_a_restart(tmp_path: Path, mosquitto,
-                                                                           agents) -> None:
+                                                                           agents, recorders) -> None:
     bundle_threshold = json.loads((DEMO / "manifest.json").read_text())["threshold"]["value"]
-    rec = Recorder(mosquitto.port, [f"{BASE}/#"])
+    rec = recorders(mosquitto.port, [f"{BASE}/#"])
     box = Box(rec, tmp_path / "in")
     cfg = base_config(tmp_path, DEMO, mosquitto.port, str(box.folder))
     agent = agents(cfg)
@@ -110,8 +110,8 @@ def test_a_threshold_set_over_mqtt_applies_at_once_and_survives_a_restart(tmp_pa
     assert box.verdicts_of(box.frames(1))[0]["threshold"] == round(bundle_threshold, 6)
 
 
-def test_max_fps_and_the_gradcam_policy_apply_at_once(tmp_path: Path, mosquitto, agents) -> None:
-    rec = Recorder(mosquitto.port, [f"{BASE}/#"])
+def test_max_fps_and_the_gradcam_policy_apply_at_once(tmp_path: Path, mosquitto, agents, recorders) -> None:
+    rec = recorders(mosquitto.port, [f"{BASE}/#"])
     box = Box(rec, tmp_path / "in")
     agents(base_config(tmp_path, DEMO, mosquitto.port, str(box.folder)))
     last = box.verdicts_of(box.frames(1))[0]
@@ -138,7 +138,7 @@ def test_max_fps_and_the_gradcam_policy_apply_at_once(tmp_path: Path, mosquitto,
     assert len(box.verdicts_of(waiting)) == 3
 
 
-def test_a_threshold_is_bound_to_its_model(tmp_path: Path, mosquitto, agents) -> None:
+def test_a_threshold_is_bound_to_its_model(tmp_path: Path, mosquitto, agents, recorders) -> None:
     """Another bundle in use: the threshold set for the first is not applied (setting_dropped); the first
     back: it applies again (setting_applied). Also at start: a damaged settings.json is reported, not fatal."""
     bundle = tmp_path / "bundle"
@@ -152,7 +152,7 @@ def test_a_threshold_is_bound_to_its_model(tmp_path: Path, mosquitto, agents) ->
     state.mkdir()
     (state / "settings.json").write_text('{"format": 1, "threshold": {"value": ')  # damaged
 
-    rec = Recorder(mosquitto.port, [f"{BASE}/#"])
+    rec = recorders(mosquitto.port, [f"{BASE}/#"])
     box = Box(rec, tmp_path / "in")
     agents(base_config(tmp_path, bundle, mosquitto.port, str(box.folder)))
     box.verdicts_of(box.frames(1))

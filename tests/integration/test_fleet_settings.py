@@ -13,7 +13,7 @@ import pytest
 from fleet.cli import main as fleet_main
 from fleet.settings import changes_of, format_table
 from tests.builders import plain_part_images
-from tests.integration.conftest import ROOT, Recorder, base_config, wait_until, write_images
+from tests.integration.conftest import ROOT, base_config, wait_until, write_images
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +48,9 @@ def test_the_options_make_the_body() -> None:
     assert "0.5 (set)" in table and "no answer" in table
 
 
-def test_fleet_set_changes_each_box_and_prints_its_answer(tmp_path: Path, mosquitto, agents) -> None:
-    rec = Recorder(mosquitto.port, ["yugami/+/verdict", "yugami/+/event"])
+def test_fleet_set_changes_each_box_and_prints_its_answer(tmp_path: Path, mosquitto, agents,
+                                                        recorders) -> None:
+    rec = recorders(mosquitto.port, ["yugami/+/verdict", "yugami/+/event"])
     folders = {d: tmp_path / d / "in" for d in ("cam1", "cam2")}
     for device, folder in folders.items():
         agents(base_config(tmp_path / device, DEMO, mosquitto.port, str(folder), device=device), name=device)
