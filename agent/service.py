@@ -727,16 +727,11 @@ class Agent:
             logger.error("reload (%s): %s", why, text)
             self._reload_refused(str(exc))
             return False, text
-        self.scorer = scorer
-        self.recent.clear()  # cached embeddings belong to the old model
         logger.info("reload (%s): model %s (%s) replaces %s (%s)", why, bundle.name, bundle.manifest_sha256[:12],
                     old.name, old.manifest_sha256[:12])
         self._event("reloaded", model=model_info(bundle))
-        self.settings.after_switch(old)
+        self._put_scorer(scorer)
         self.rollout.after_reload(old)
-        discovery = self._discovery()
-        if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
-            self.link.publish(discovery)
         return True, "reloaded"
 
     def _reload_refused(self, error: str) -> None:
@@ -782,6 +777,11 @@ class Agent:
 
     def _switch_scorer(self, scorer: Scorer) -> None:
         """Frame loop, between two frames: the one place an installed or rolled-back bundle goes in."""
+        self._put_scorer(scorer)
+        self.notifier.status(self._status_line())
+
+    def _put_scorer(self, scorer: Scorer) -> None:
+        """Frame loop: ``scorer`` judges from the next frame on (reload, install, rollback)."""
         assert self.scorer is not None
         old = self.scorer.bundle
         self.scorer = scorer
@@ -790,7 +790,6 @@ class Agent:
         discovery = self._discovery()
         if discovery is not None and self.cfg.mqtt.homeassistant.enabled:
             self.link.publish(discovery)
-        self.notifier.status(self._status_line())
 
     # --- stop ---
 
