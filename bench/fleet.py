@@ -94,17 +94,26 @@ def start_brokers(work: Path, topics: str = "both") -> tuple[Mosquitto, Mosquitt
     (work / "central").mkdir(parents=True)
     (work / "site").mkdir()
     central = Mosquitto(work / "central")
-    central.start()
     site = Mosquitto(work / "site")
     # Bridge options go last: mosquitto reads every line after 'connection' as that bridge's.
     site.conf.write_text(site.conf.read_text() + "\n".join(bridge_lines(central.port, topics=topics)) + "\n")
-    site.start()
     try:
+        central.start()
+        site.start()
         wait_until(lambda: _bridge_carries(site.port, central.port), 30, "the site broker's bridge to the central one",
                    interval=0.5)
     except AssertionError:
+        _stop(site, central)
         raise RuntimeError(f"the bridge did not come up:\n{site.log.read_text()[-2000:]}") from None
+    except BaseException:
+        _stop(site, central)
+        raise
     return central, site
+
+
+def _stop(*brokers: Mosquitto) -> None:
+    for broker in brokers:
+        broker.stop()  # a no-op for one not started
 
 
 def _client(port: int, name: str, clean: bool = True) -> mqtt.Client:
@@ -204,14 +213,14 @@ def agent_config(work: Path, device: str, port: int, video: Path, bundles: Bundl
     }
 
 
-def start_agents(work: Path, n: int, port: int, video: Path, bundles: Bundles, fps: float) -> list[AgentProcess]:
+def start_agents(work: Path, n: int, port: int, video: Path, bundles: Bundles, fps: float,
+                 agents: list[AgentProcess]) -> None:
+    """Start N agents, each appended to ``agents`` as it starts (so a failure part way leaves them to stop)."""
     (work / "agents").mkdir(exist_ok=True)
-    agents = []
     for i in range(n):
         device = device_name(i)
         cfg = write_config(work / "agents" / f"{device}.yaml", **agent_config(work, device, port, video, bundles, fps))
         agents.append(AgentProcess(cfg, work / "agents" / f"{device}.log", {"OMP_NUM_THREADS": "1"}))
-    return agents
 
 
 # --- the central broker's view -------------------------------------------------------------------------------
@@ -374,10 +383,20 @@ def start_fleet(work: Path, n: int, fps: float, bridge: str = "both") -> Fleet:
     bundles = make_bundles(work)
     video = make_video(work)
     central, site = start_brokers(work, bridge)
-    ledger = CentralLedger(central.port)  # before any agent: every verdict is counted from the first
+    try:
+        ledger = CentralLedger(central.port)  # before any agent: every verdict is counted from the first
+    except BaseException:
+        _stop(site, central)
+        raise
     devices = [device_name(i) for i in range(n)]
-    agents = start_agents(work, n, site.port, video, bundles, fps)
-    return Fleet(work, central, site, bundles, agents, devices, ledger)
+    f = Fleet(work, central, site, bundles, [], devices, ledger)
+    try:
+        start_agents(work, n, site.port, video, bundles, fps, f.agents)
+    except BaseException:  # the agents started so far, the ledger and the brokers go too
+        f.devices = f.devices[:len(f.agents)]
+        f.stop()
+        raise
+    return f
 
 
 def wait_ready(f: Fleet, min_frames: int, timeout: float) -> None:
