@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from fleet.collect import (
     safe_part,
     target_path,
 )
+from tests.unit.test_collect import Entry  # the feedback entry the box's listing reads
 
 
 def test_target_paths_follow_the_trainers_layout(tmp_path: Path) -> None:
@@ -81,15 +81,6 @@ def test_eval_readiness_says_what_is_missing(tmp_path: Path) -> None:
 
 
 # --- transfers against a real Collector ------------------------------------------------------------
-
-
-@dataclass
-class Entry:
-    frame_id: str
-    label: str
-    ts: str
-    note: str = ""
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 class DirectRequests:
