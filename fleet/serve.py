@@ -13,11 +13,13 @@ frames (which, with feedback.extend_bank, changes what the box calls an anomaly)
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -46,7 +48,12 @@ over time, and which boxes are online.
 
 SECURITY: the page has NO AUTHENTICATION. Anyone who can open it can label frames, and a "false alarm" can
 teach a box to accept what it flagged. It listens on 127.0.0.1 by default; to open it to others, put it
-behind the site's login (a reverse proxy with authentication and TLS) and never bind a public address."""
+behind the site's login (a reverse proxy with authentication and TLS) and never bind a public address.
+While it listens on loopback it answers only requests addressed to localhost / 127.0.0.1 / [::1] (a web
+site that re-points its own name at 127.0.0.1, "DNS rebinding", gets 403); a reverse proxy that passes its
+own host name on needs --allow-host NAME."""
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class Sender(Protocol):
@@ -62,10 +69,36 @@ def heatmap_url(device: str, frame_id: str) -> str:
 # --- the web app ------------------------------------------------------------------------------------
 
 
-def create_app(store: ReviewStore, sender: Sender, static: Path = STATIC) -> Flask:
-    """The Flask app: the page, its JSON, the heat maps from memory, and the feedback endpoint."""
+def allowed_hosts(listen: str, extra: Collection[str] = ()) -> set[str] | None:
+    """The host names a request may be addressed to (its Host header, without the port): while listening on
+    loopback, the loopback names plus ``extra``; elsewhere ``extra`` if given, else None (any)."""
+    try:
+        loopback = listen == "localhost" or ipaddress.ip_address(listen).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    names = {h.strip("[]").lower() for h in extra}
+    if loopback:
+        return {*LOOPBACK_NAMES, listen.lower(), *names}
+    return names or None
+
+
+def create_app(store: ReviewStore, sender: Sender, static: Path = STATIC, hosts: set[str] | None = None) -> Flask:
+    """The Flask app: the page, its JSON, the heat maps from memory, and the feedback endpoint. With
+    ``hosts`` (see :func:`allowed_hosts`), a request addressed to another host name is refused."""
     app = Flask(__name__, static_folder=str(static), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024  # a feedback body is a few hundred bytes
+
+    if hosts is not None:
+        @app.before_request
+        def _host_check() -> tuple[Response, int] | None:
+            try:
+                name = urlsplit(f"//{request.host}").hostname
+            except ValueError:  # not even a host name ("[x")
+                name = None
+            if name not in hosts:
+                return _error(f"this page answers to {', '.join(sorted(hosts))}, not {request.host!r}: open it by "
+                              "one of those names, or start yugami-fleet serve with --allow-host NAME", 403)
+            return None
 
     @app.after_request
     def _headers(response: Response) -> Response:
@@ -225,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="address to listen on (default 127.0.0.1; NO AUTHENTICATION: expose it only behind the "
                         "site's login / reverse proxy)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name the page may be opened as, e.g. a reverse proxy's that passes its Host on "
+                        "(repeat for more; on loopback localhost, 127.0.0.1 and [::1] always are)")
     g.add_argument("--keep", type=int, default=200, metavar="N",
                    help="anomalies kept in memory with their heat maps, newest first (default 200)")
     g.add_argument("--rate-bin", type=int, default=60, metavar="S",
@@ -248,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"yugami-fleet serve: {exc}", file=sys.stderr)
         return 1
     try:
-        server = make_server(args.host, args.port, create_app(store, link), threaded=True)
+        app = create_app(store, link, hosts=allowed_hosts(args.host, args.allow_host))
+        server = make_server(args.host, args.port, app, threaded=True)
     except OSError as exc:
         fleet_mqtt.close(client)
         print(f"yugami-fleet serve: cannot listen on {args.host}:{args.port} ({exc}); choose another --port",

@@ -12,7 +12,7 @@ import pytest
 
 from fleet import mqtt as fleet_mqtt
 from fleet.review import Ask, ReviewStore, route, subscriptions
-from fleet.serve import STATIC, add_arguments, create_app, heatmap_url
+from fleet.serve import STATIC, add_arguments, allowed_hosts, create_app, heatmap_url
 
 PREFIX = "yugami"
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg"
@@ -261,6 +261,26 @@ def test_feedback_must_be_json_from_the_page_itself(store: ReviewStore, client_a
     proxied = client.post("/api/feedback", json={"device": "cam1", "frame_id": "f-1", "label": "good"},
                           headers={"Origin": "https://review.site", "X-Forwarded-Host": "review.site"})
     assert proxied.status_code == 202 and len(sent.asks) == 2
+
+
+def test_on_loopback_the_page_answers_only_to_loopback_names(store: ReviewStore) -> None:
+    """DNS rebinding: a web site re-points its own name at 127.0.0.1; the browser then sends that name as Host
+    (and as Origin, so the Origin check alone passes). Only the names the page is opened by get an answer."""
+    assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("::1", ["Review.Site"]) == {"localhost", "127.0.0.1", "::1", "review.site"}
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("10.0.0.5", ["[fd00::5]"]) == {"fd00::5"}
+    sent = Sent()
+    client = create_app(store, sent, hosts=allowed_hosts("127.0.0.1")).test_client()
+    msg(store, "cam1/verdict", verdict("f-1"))
+    for host in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "LOCALHOST"):
+        assert client.get("/api/state", headers={"Host": host}).status_code == 200, host
+    rebound = {"Host": "evil.example:8080", "Origin": "http://evil.example:8080"}
+    for path in ("/", "/api/state", "/heatmap/cam1/f-1.jpg"):
+        refused = client.get(path, headers=rebound)
+        assert refused.status_code == 403 and "--allow-host" in refused.get_json()["error"], path
+    post = client.post("/api/feedback", json={"device": "cam1", "frame_id": "f-1", "label": "good"}, headers=rebound)
+    assert post.status_code == 403 and sent.asks == []
+    assert client.get("/", headers={"Host": "[x"}).status_code in (400, 403)
 
 
 def test_feedback_while_the_broker_is_away_says_so_on_the_card(store: ReviewStore) -> None:
