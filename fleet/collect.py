@@ -41,6 +41,7 @@ import paho.mqtt.client as paho
 from agent.collect import LABELS, MAX_FETCH_BYTES, file_name_problem, parse_time
 from agent.mqtt import utc_iso
 from fleet import mqtt as fm
+from fleet.table import columns
 
 logger = logging.getLogger(__name__)
 
@@ -621,8 +622,7 @@ def table(tallies: list[Tally]) -> str:
     rows = [head] + [(t.device, "yes" if t.answered else "NO", str(t.listed), str(t.fetched), str(t.present),
                       str(t.moved), str(t.failed), str(t.bytes),
                       " ".join(f"{k}={v}" for k, v in sorted(t.labels.items())) or "-") for t in tallies]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return columns(rows)
 
 
 def run(args: argparse.Namespace) -> int:

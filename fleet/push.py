@@ -36,6 +36,7 @@ from fleet.mqtt import (
     group_command_topic,
     new_request_id,
 )
+from fleet.table import columns
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +111,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         result = "ok" if r["ok"] else ("no answer" if not r["answered"] else "failed")
         lines.append([r["device"], result, f"{r['before'] or '?'} -> {r['after'] or '?'}", _share(r["shadow"]),
-                      r["error"] or r.get("reason") or ""])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head) - 1)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
-                     for line in lines).rstrip()
+                      str(r["error"] or r.get("reason") or "")])
+    return columns(lines)
 
 
 # --- sending --------------------------------------------------------------------------------------------

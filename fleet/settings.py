@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from fleet.mqtt import BrokerError, add_broker_arguments, close, connect, describe, request
+from fleet.table import columns
 
 # agent.settings.GRADCAM_POLICIES, copied (importing agent.settings loads numpy); a test keeps them equal
 GRADCAM_POLICIES = ("off", "on_command", "every_anomaly")
@@ -101,9 +102,7 @@ def row(device: str, answer: dict[str, Any] | None) -> list[str]:
 
 
 def format_table(answers: dict[str, dict[str, Any] | None]) -> str:
-    table = [HEADER, *(row(d, a) for d, a in answers.items())]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table)
+    return columns([HEADER, *(row(d, a) for d, a in answers.items())])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import paho.mqtt.client as paho
 
 from agent.mqtt import parse_utc_iso
 from fleet.mqtt import BrokerError, add_broker_arguments, close, connect, describe, device_of, subscribe
+from fleet.table import columns
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +163,7 @@ HEADER = ["DEVICE", "ONLINE", "MODEL", "SIGNER", "THRESHOLD", "FPS", "ANOMALIES"
 
 
 def format_table(rows: list[Row]) -> str:
-    table = [HEADER, *(_cells(r) for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table)
+    return columns([HEADER, *(_cells(r) for r in rows)])
 
 
 def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
