@@ -54,7 +54,10 @@ def generate_keypair(out_dir: str | Path, name: str = DEFAULT_NAME, force: bool 
     if not name or Path(name).name != name or name.startswith("."):
         raise KeysError(f"key name {name!r} must be a plain file name (e.g. release-2026)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeysError(f"cannot make the folder {out} ({exc.strerror or exc}); give an --out you can write") from exc
     private_path, public_path = out / f"{name}.key", out / f"{name}.pub"
     existing = [p for p in (private_path, public_path) if p.exists()]
     if existing and not force:
@@ -65,8 +68,12 @@ def generate_keypair(out_dir: str | Path, name: str = DEFAULT_NAME, force: bool 
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_new(private_path, private_pem, 0o600)
-    _write_new(public_path, public_pem, 0o644)
+    try:
+        _write_new(private_path, private_pem, 0o600)
+        _write_new(public_path, public_pem, 0o644)
+    except OSError as exc:
+        raise KeysError(f"cannot write the key pair into {out} ({exc.strerror or exc}); give an --out you can "
+                        "write") from exc
     logger.info("wrote key pair %s / %s (key id %s)", private_path, public_path, key_id(key.public_key()))
     return private_path, public_path
 
@@ -133,8 +140,14 @@ def file_problems(bundle_dir: str | Path) -> list[str]:
         path = root / str(name)
         if Path(str(name)).name != name or not path.is_file():
             problems.append(f"{name}: missing")
-        elif sha256_bytes(path.read_bytes()) != digest:
-            problems.append(f"{name}: sha256 differs from the manifest (changed after export)")
+        else:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                problems.append(f"{name}: cannot be read ({exc.strerror or exc})")
+                continue
+            if sha256_bytes(data) != digest:
+                problems.append(f"{name}: sha256 differs from the manifest (changed after export)")
     return problems
 
 
@@ -150,7 +163,11 @@ def sign_bundle(bundle_dir: str | Path, key_path: str | Path, signer_name: str |
     if problems:
         raise KeysError(f"{root} is not whole, so it is not signed: {'; '.join(problems)}. Copy or re-export it")
     doc = signature_document(key, raw, signer_name or key_name(key_path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", dir=root)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{SIGNATURE_FILE}.", dir=root)
+    except OSError as exc:
+        raise KeysError(f"cannot write {SIGNATURE_FILE} into {root} ({exc.strerror or exc}); sign a copy you "
+                        "can write, or fix the folder's permissions") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(doc, indent=2) + "\n")

@@ -279,6 +279,26 @@ def test_yugami_keys_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "not a private key" in capsys.readouterr().err
 
 
+def test_yugami_keys_says_which_folder_it_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that cannot be made or written: exit 2 naming it, not a traceback."""
+    (tmp_path / "file").write_text("x")
+    assert main(["generate", "--out", str(tmp_path / "file" / "keys")]) == 2
+    assert f"cannot make the folder {tmp_path / 'file' / 'keys'}" in capsys.readouterr().err
+    private, _ = keypair(tmp_path / "k", "rel")
+    bundle = bundle_copy(tmp_path / "b")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("fleet.keys.tempfile.mkstemp", refuse)
+    assert main(["sign", str(bundle), "--key", str(private)]) == 2
+    assert f"cannot write {SIGNATURE_FILE} into {bundle}" in capsys.readouterr().err
+    monkeypatch.setattr("fleet.keys.os.open", refuse)
+    assert main(["generate", "--out", str(tmp_path / "k"), "--name", "new"]) == 2
+    assert "cannot write the key pair" in capsys.readouterr().err
+
+
 def test_yugami_keys_help_has_examples() -> None:
     from fleet.keys import build_parser
 
