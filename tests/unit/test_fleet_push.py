@@ -51,3 +51,10 @@ def test_a_failed_send_is_a_broker_error_not_a_traceback() -> None:
     client.publish.return_value = info
     with pytest.raises(BrokerError, match="not currently connected"):
         publish_all(client, [("yugami/cam-1/cmd/install", {"id": "x"})], timeout=1)
+
+
+def test_verbose_goes_before_or_after_the_subcommand() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["status"]).verbose is False
+    assert parser.parse_args(["-v", "status"]).verbose is True
+    assert parser.parse_args(["push", "b", "--group", "g", "-v"]).verbose is True
