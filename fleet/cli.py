@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         # -v after the subcommand too (yugami-fleet push ... -v); SUPPRESS keeps a -v given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="log what happens on the wire")
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # e.g. Flask for serve, on a box installed with yugami[agent] only
+            p.set_defaults(missing=f"yugami-fleet {name} needs the Python package {exc.name!r}: "
+                                   "pip install 'yugami[fleet]' (see README.md, Install)")
+            continue
         adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
         adder(p)
         p.set_defaults(module=module_name, runner=f"run_{name}" if hasattr(module, f"run_{name}") else "run")
@@ -53,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # a subcommand that could not load knows none of its options
+    if getattr(args, "missing", None):
+        print(args.missing, file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     module = importlib.import_module(args.module)

@@ -58,3 +58,20 @@ def test_verbose_goes_before_or_after_the_subcommand() -> None:
     assert parser.parse_args(["status"]).verbose is False
     assert parser.parse_args(["-v", "status"]).verbose is True
     assert parser.parse_args(["push", "b", "--group", "g", "-v"]).verbose is True
+
+
+def test_a_subcommand_whose_package_is_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A box installed with yugami[agent] has yugami-fleet but no Flask: serve says so, the others still run."""
+    import sys
+
+    from fleet.cli import main
+
+    monkeypatch.delitem(sys.modules, "fleet.serve", raising=False)
+    monkeypatch.setitem(sys.modules, "flask", None)
+    assert main(["serve", "--port", "8081"]) == 2
+    err = capsys.readouterr().err
+    assert "'flask'" in err and "pip install 'yugami[fleet]'" in err
+    assert build_parser().parse_args(["status"]).runner == "run"
+    with pytest.raises(SystemExit):
+        main(["status", "--no-such-option"])
