@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "models" / "demo"
 
 
-def rss_kb(pid: int) -> int | None:
-    """Resident set size of a process in kB, from /proc (None once it is gone)."""
+def rss_kb(pid: int, field: str = "VmRSS") -> int | None:
+    """Resident set size of a process in kB, from /proc (None once it is gone); ``field="VmHWM"``: its peak."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         return None

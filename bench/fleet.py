@@ -466,7 +466,7 @@ def count_delivery(f: Fleet, phases: list[dict[str, Any]], timeout: float = 120)
 
 def memory(f: Fleet) -> dict[str, Any]:
     agents = [kb for a in f.agents if (kb := rss_kb(a.proc.pid)) is not None]
-    peaks = [kb for a in f.agents if (kb := _hwm_kb(a.proc.pid)) is not None]
+    peaks = [kb for a in f.agents if (kb := rss_kb(a.proc.pid, "VmHWM")) is not None]
     mb = 1024.0
     return {
         "central_mb": round((rss_kb(f.central.proc.pid) or 0) / mb, 1),
@@ -476,16 +476,6 @@ def memory(f: Fleet) -> dict[str, Any]:
         "agent_peak_max_mb": round(max(peaks) / mb, 1) if peaks else None,
         "agents_total_mb": round(sum(agents) / mb, 1),
     }
-
-
-def _hwm_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def run_scenario(work: Path, n: int, fps: float, log: Any = print, bridge: str = "both") -> dict[str, Any]:
