@@ -196,8 +196,7 @@ def run_push(args: argparse.Namespace) -> int:
             # chunk by chunk to every box: each box's transfer advances together
             publish_all(client, [(topic, {**chunk, "id": request_id}) for chunk in chunks for topic in topics])
             times["send_s"] = round(time.monotonic() - start, 3)
-            expected = devices if (args.device or devices) else None
-            got, arrived = wait_answers(results, expected, args.timeout, start, bool(args.group))
+            got, arrived = wait_answers(results, devices or None, args.timeout, start, bool(args.group))
             times["wait_s"] = round(time.monotonic() - start - times["send_s"], 3)
     except BrokerError as exc:
         return _broker_failed(exc, args.json)

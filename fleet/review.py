@@ -31,8 +31,6 @@ MAX_CARD_NOTES = 20  # events and answers kept per card
 MAX_NOTE_BYTES = 500  # the operator's note, at most (the agent's cmd body has a size limit too)
 
 
-
-
 def iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 

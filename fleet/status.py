@@ -62,8 +62,6 @@ class Row:
     groups: list[str] = field(default_factory=list)
 
 
-
-
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
