@@ -30,8 +30,8 @@ def _tiny_patch_model():
     return keras.Model(inp, [fmap, p0, p1])
 
 
-@pytest.fixture(scope="module")
-def patch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_tiny_patch_bundle(out: Path, map_floor: float = 1.0, bank_rows: int = 100) -> Path:
+    """A fused bundle of the tiny patch model, calibrated on 20 plain parts (test_feedback uses it too)."""
     from agent.bundle import EmbeddingSpec
     from agent.patches import Fusion
     from trainer.export import export_int8, tflite_features, tflite_manifest
@@ -50,11 +50,15 @@ def patch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "embedding": {"pooling": "gem", "p": 3.0},
         "bank": {"reduction": {"method": "none"}},
         "scoring": {"method": "fused", "fusion": Fusion(0.05, 0.01, 1.0, 0.2).to_manifest()},
-        "patch": {**_patch_spec(model_bytes), "map": {"floor": 1.0, "top": 2.0}},
+        "patch": {**_patch_spec(model_bytes), "map": {"floor": map_floor, "top": 2.0}},
         "threshold": {"value": 2.0, "scale": 0.5},
     }
-    out = tmp_path_factory.mktemp("patch_bundle") / "b"
-    return write_bundle(out, model_bytes=model_bytes, bank=emb, manifest=manifest, patch_bank=patch_rows[:100])
+    return write_bundle(out, model_bytes=model_bytes, bank=emb, manifest=manifest, patch_bank=patch_rows[:bank_rows])
+
+
+@pytest.fixture(scope="module")
+def patch_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_patch_bundle(tmp_path_factory.mktemp("patch_bundle") / "b")
 
 
 def test_a_patch_bundle_loads_and_scores_with_components_and_a_map(patch_bundle: Path):

@@ -239,31 +239,10 @@ def test_the_extension_is_bounded_survives_a_restart_and_ignores_another_model(t
 @pytest.fixture(scope="module")
 def patch_bundle(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("tensorflow")
-    from agent.bundle import EmbeddingSpec, write_bundle
-    from agent.patches import Fusion
-    from agent.preprocess import Preprocessing, preprocess
-    from tests.unit.test_bundle_patch import SIZE, _tiny_patch_model  # the same tiny model as the loader's tests
-    from trainer.export import export_int8, tflite_features, tflite_manifest
-    from trainer.train import _patch_spec
+    from tests.unit.test_bundle_patch import write_tiny_patch_bundle  # the same tiny bundle as the loader's tests
 
-    pre = Preprocessing(input_size=SIZE)
-    normals = np.stack([preprocess(img, pre) for img in plain_part_images(20, seed=1)])
-    model_bytes = export_int8(_tiny_patch_model(), list(normals))
-    emb, patches = tflite_features(model_bytes, normals, spec=EmbeddingSpec("gem", 3.0))
-    manifest = {
-        "model": {"name": "tiny-patch", "version": "0"},
-        "preprocessing": pre.to_manifest(),
-        "tflite": tflite_manifest(model_bytes),
-        "embedding_dim": 16,
-        "embedding": {"pooling": "gem", "p": 3.0},
-        "bank": {"reduction": {"method": "none"}},
-        "scoring": {"method": "fused", "fusion": Fusion(0.05, 0.01, 1.0, 0.2).to_manifest()},
-        "patch": {**_patch_spec(model_bytes), "map": {"floor": 0.0, "top": 2.0}},
-        "threshold": {"value": 2.0, "scale": 0.5},
-    }
-    out = tmp_path_factory.mktemp("patch_bundle") / "b"
-    rows = patches.reshape(-1, patches.shape[-1])
-    return load_bundle(write_bundle(out, model_bytes=model_bytes, bank=emb, manifest=manifest, patch_bank=rows[:50]))
+    # floor 0: every cell of a false alarm is added to the extension
+    return load_bundle(write_tiny_patch_bundle(tmp_path_factory.mktemp("patch_bundle") / "b", 0.0, 50))
 
 
 def test_patch_bundles_extend_the_patch_bank_and_the_anomaly_map(tmp_path: Path, patch_bundle) -> None:
