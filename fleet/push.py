@@ -183,6 +183,11 @@ def run_push(args: argparse.Namespace) -> int:
         stats = retained_stats(client, args.prefix)
         times["discover_s"] = round(time.monotonic() - t0 - times["connect_s"], 3)
         devices = list(dict.fromkeys(args.device)) if args.device else group_members(stats, args.group)
+        if args.group and not devices:  # nobody to wait for by name: say so now, not after --timeout
+            print(f"yugami-fleet push: no box on {describe(args)} reports group {args.group!r} in its stats "
+                  f"(yugami-fleet status lists each box's groups; check the name and the boxes' fleet.groups); "
+                  f"waiting {args.timeout:g} s for answers from boxes that do not report their groups",
+                  file=sys.stderr)
         with Results(client, args.prefix, "install") as results:
             request_id = new_request_id()
             start = time.monotonic()
