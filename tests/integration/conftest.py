@@ -120,6 +120,7 @@ class Recorder:
 
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
+        self.commands_sent = 0  # numbers the request ids of command()
         self.subscribed = threading.Event()
         self.topics = topics
         self.client = mqtt.Client(
@@ -160,6 +161,14 @@ class Recorder:
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> None:
         self.client.publish(topic, payload, qos=qos).wait_for_publish(10)
+
+    def command(self, base: str, name: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Send ``<base>/cmd/<name>`` with a fresh request id and wait for the agent's answer to it."""
+        self.commands_sent += 1
+        rid = f"{name}-{self.commands_sent}"
+        self.publish(f"{base}/cmd/{name}", json.dumps({"id": rid, **body}))
+        return self.wait_json(f"{base}/cmd/{name}/result", lambda r: r.get("request_id") == rid, timeout,
+                              f"the answer to cmd/{name} {body}")
 
     def close(self) -> None:
         self.client.disconnect()

@@ -40,15 +40,11 @@ def false_alarm_bundle(out: Path, picture: np.ndarray) -> tuple[Path, float]:
 
 class Box:
     def __init__(self, rec: Recorder, folder: Path) -> None:
-        self.rec, self.folder, self.n = rec, folder, 0
+        self.rec, self.folder = rec, folder
         folder.mkdir(parents=True, exist_ok=True)
 
     def command(self, name: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        self.n += 1
-        rid = f"{name}-{self.n}"
-        self.rec.publish(f"{BASE}/cmd/{name}", json.dumps({"id": rid, **body}))
-        return self.rec.wait_json(f"{BASE}/cmd/{name}/result", lambda r: r.get("request_id") == rid, timeout,
-                                  f"the answer to cmd/{name} {body}")
+        return self.rec.command(BASE, name, body, timeout)
 
     def inspect(self, picture: np.ndarray, name: str) -> dict[str, Any]:
         """Write the picture under a new name (as a camera writer does) and wait for its verdict."""

@@ -27,14 +27,9 @@ class Box:
         self.rec = rec
         self.folder = folder
         self.written = 0
-        self.n = 0
 
     def command(self, name: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        self.n += 1
-        rid = f"{name}-{self.n}"
-        self.rec.publish(f"{BASE}/cmd/{name}", json.dumps({"id": rid, **body}))
-        return self.rec.wait_json(f"{BASE}/cmd/{name}/result", lambda r: r.get("request_id") == rid, timeout,
-                                  f"the answer to cmd/{name} {body}")
+        return self.rec.command(BASE, name, body, timeout)
 
     def frames(self, count: int) -> list[str]:
         """Write ``count`` new pictures into the watched folder; their file names."""
